@@ -1,0 +1,579 @@
+"""``AuxiliaryLabeler``: MAXL for any classifier, as one ``nn.Module``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .backbone import feature_dim_of, find_classifier, replace_module
+from .hierarchy import masked_log_softmax, normalize_psi, owner_index
+from .losses import LOSSES, aux_loss, neg_entropy, per_class_loss, primary_loss
+from .meta import META_MODES, RNGState, directional_derivative, lookahead_direction
+from .mirror import check_optimizer
+
+__all__ = ["AuxiliaryLabeler", "NonFiniteError"]
+
+logger = logging.getLogger(__name__)
+
+GENERATORS = ("copy", "head")
+NONFINITE = ("raise", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient; nothing was updated."""
+
+
+def _reinitialise(module: nn.Module) -> None:
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        reset_stats = getattr(m, "reset_running_stats", None)
+        if callable(reset_stats):
+            reset_stats()
+
+
+def _all_finite(tensors: Sequence[Optional[Tensor]]) -> bool:
+    sums = [t.detach().float().sum() for t in tensors if t is not None]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+
+
+class AuxiliaryLabeler(nn.Module):
+    r"""Give a classifier a self-supervised auxiliary task with Meta AuXiliary Learning.
+
+    Wraps the user's ``model`` (its own classifier produces the primary logits) and adds an
+    auxiliary head on the features that feed that classifier, plus a label-generation
+    network that invents ``sum(psi)`` auxiliary classes (primary class ``i`` owns ``psi[i]``
+    of them). :meth:`step` trains the multi-task network on primary + auxiliary loss and the
+    generator by the exact MAXL meta-gradient through one step of the user's own optimiser.
+
+    Args:
+        model: the classifier to train (timm, torchvision or any ``nn.Module`` whose
+            classifier can be found; see ``classifier=``).
+        psi: auxiliary classes per primary class: one int per class, or one int for all
+            (then ``num_classes`` is taken from the classifier or ``num_classes=``).
+        num_classes: number of primary classes, checked against the classifier.
+        generator: ``"copy"`` (default; a freshly initialised copy of ``model``'s
+            architecture with a ``sum(psi)``-way head, as in the paper), ``"head"`` (a
+            small MLP on the model's detached features: cheap) or an ``nn.Module`` mapping
+            ``x`` to ``(N, sum(psi))`` logits.
+        loss: ``"ce"`` (default; cross-entropy and soft-label cross-entropy) or ``"focal"``
+            (the paper's focal loss, ``gamma=focal_gamma``).
+        aux_weight: weight of the auxiliary loss in the multi-task loss.
+        entropy_weight: weight of the anti-collapse term ``sum_k pbar_k log pbar_k``.
+        feature_dim: width of the classifier's input, when it cannot be inferred.
+        classifier: the classifier submodule or its qualified name, to override detection.
+        meta: ``"second_order"`` (exact meta-gradient, forward-mode JVP) or
+            ``"first_order"`` (finite-difference JVP; no double-backward or forward-AD
+            support needed).
+        meta_every: update the generator every ``meta_every``-th step (amortised MAXL);
+            steps in between cost one generator forward.
+        focal_gamma: focusing parameter of the focal loss.
+        fd_eps: relative step of ``first_order``'s finite difference (default
+            ``sqrt(machine eps)``).
+        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` when a loss or
+            gradient is not finite; ``"skip"`` skips the step and reports ``skipped=1``.
+            Either way no parameter, buffer or optimiser state changes.
+        distributed: average gradients across ``torch.distributed`` ranks in
+            :meth:`step` (``None``: whenever a process group with world size > 1 is
+            initialised; ``False``: never).
+        process_group: the process group to average over (default: the world).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from auxgen import AuxiliaryLabeler
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> labeler = AuxiliaryLabeler(model, psi=[2, 3, 2])
+        >>> opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
+        >>> gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=1e-3)
+        >>> x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+        >>> out = labeler.step(x, y, opt, gen_opt)
+        >>> sorted(k for k in out if k.endswith("loss"))
+        ['aux_loss', 'loss', 'meta_loss', 'primary_loss']
+        >>> labeler.generate_labels(x, y).sum(1).allclose(torch.ones(8))
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        psi: Union[int, Sequence[int]],
+        *,
+        num_classes: Optional[int] = None,
+        generator: Union[str, nn.Module] = "copy",
+        loss: str = "ce",
+        aux_weight: float = 1.0,
+        entropy_weight: float = 0.2,
+        feature_dim: Optional[int] = None,
+        classifier: Union[str, nn.Module, None] = None,
+        meta: str = "second_order",
+        meta_every: int = 1,
+        focal_gamma: float = 2.0,
+        fd_eps: Optional[float] = None,
+        nonfinite: str = "raise",
+        distributed: Optional[bool] = None,
+        process_group: Optional[Any] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if meta not in META_MODES:
+            raise ValueError(f"meta must be one of {META_MODES}, got {meta!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
+            raise ValueError(f"meta_every must be a positive int, got {meta_every!r}")
+        for name, val in (("aux_weight", aux_weight), ("entropy_weight", entropy_weight)):
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {val!r}")
+        if fd_eps is not None and not (isinstance(fd_eps, float) and fd_eps > 0):
+            raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
+
+        cls_name, cls_module = find_classifier(model, classifier)
+        out_features = getattr(cls_module, "out_features", None)
+        if num_classes is None:
+            num_classes = out_features
+            if num_classes is None and not isinstance(psi, int):
+                num_classes = len(psi)  # type: ignore[arg-type]
+        elif out_features is not None and out_features != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} does not match the classifier "
+                f"'{cls_name}' (out_features={out_features})"
+            )
+        self.psi: tuple[int, ...] = normalize_psi(psi, num_classes)
+        if out_features is not None and len(self.psi) != out_features:
+            raise ValueError(
+                f"psi must have one entry per primary class (the classifier '{cls_name}' has "
+                f"{out_features} outputs), got {len(self.psi)}"
+            )
+        self.num_classes = len(self.psi)
+        self.num_aux = sum(self.psi)
+        dim = feature_dim_of(model, cls_module, feature_dim)
+        ref = next(model.parameters(), None)
+        factory = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+
+        self.loss = loss
+        self.focal_gamma = float(focal_gamma)
+        self.aux_weight = float(aux_weight)
+        self.entropy_weight = float(entropy_weight)
+        self.meta = meta
+        self.meta_every = meta_every
+        self.fd_eps = fd_eps
+        self.nonfinite = nonfinite
+        self.distributed = distributed
+        self.process_group = process_group
+        self.classifier_name = cls_name
+        self.feature_dim = dim
+
+        if isinstance(generator, str):
+            if generator not in GENERATORS:
+                raise ValueError(
+                    f"generator must be one of {GENERATORS} or an nn.Module, got {generator!r}"
+                )
+            self.generator_kind = generator
+            if generator == "copy":
+                gen = copy.deepcopy(model)
+                for hooks in (m._forward_hooks for m in gen.modules()):
+                    hooks.clear()
+                _reinitialise(gen)
+                replace_module(gen, cls_name, nn.Linear(dim, self.num_aux, **factory))
+            else:
+                hidden = max(dim, self.num_aux)
+                gen = nn.Sequential(
+                    nn.Linear(dim, hidden, **factory),
+                    nn.ReLU(),
+                    nn.Linear(hidden, self.num_aux, **factory),
+                )
+        elif isinstance(generator, nn.Module):
+            self.generator_kind = "module"
+            gen = generator
+        else:
+            raise TypeError(
+                f"generator must be one of {GENERATORS} or an nn.Module, got "
+                f"{type(generator).__name__}"
+            )
+
+        self.model = model
+        self.aux_head = nn.Linear(dim, self.num_aux, **factory)
+        self.generator = gen
+        self.register_buffer("owner", owner_index(self.psi, device=factory.get("device")))
+        shared = {id(p) for p in self.generator.parameters()} & {
+            id(p) for p in self.model_parameters()
+        }
+        if shared:
+            raise ValueError(
+                f"generator shares {len(shared)} parameter(s) with the model; the generator must "
+                "be a separate network (use generator='head' to build on the model's features)"
+            )
+        self._features: Optional[Tensor] = None
+        self._hook = cls_module.register_forward_hook(self._capture)
+        self._steps = 0
+
+    # ------------------------------------------------------------------ wiring
+    def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        self._features = inputs[0]
+
+    def _take_features(self) -> Tensor:
+        h = self._features
+        self._features = None
+        if h is None:
+            raise RuntimeError(
+                f"the classifier '{self.classifier_name}' was not called during the model's "
+                "forward; pass classifier= naming the module that produces the primary logits"
+            )
+        if h.dim() != 2:
+            h = h.flatten(1)
+        if h.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"the classifier's input has {h.shape[1]} features, expected feature_dim="
+                f"{self.feature_dim}"
+            )
+        return h
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the multi-task network: the model and the auxiliary head."""
+        return list(self.model.parameters()) + list(self.aux_head.parameters())
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the label-generation network."""
+        return list(self.generator.parameters())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Primary logits: exactly ``self.model(x)``."""
+        out = self.model(x)
+        self._features = None
+        return out
+
+    def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Primary and auxiliary logits from one forward of the model."""
+        z_p = self.model(x)
+        return z_p, self.aux_head(self._take_features())
+
+    def _generator_logits(self, x: Tensor, h: Optional[Tensor]) -> Tensor:
+        if self.generator_kind == "head":
+            if h is None:
+                self.model(x)
+                h = self._take_features()
+            logits = self.generator(h.detach())
+        else:
+            logits = self.generator(x)
+        if logits.dim() != 2 or logits.shape != (x.shape[0], self.num_aux):
+            raise ValueError(
+                f"the generator must return (batch, sum(psi)) = ({x.shape[0]}, {self.num_aux}) "
+                f"logits, got shape {tuple(logits.shape)}"
+            )
+        return logits
+
+    @torch.no_grad()
+    def generate_labels(self, x: Tensor, y: Tensor) -> Tensor:
+        """Soft auxiliary labels ``(N, sum(psi))``: rows sum to 1 over ``y``'s children.
+
+        Uses the current train/eval mode; buffers (BatchNorm statistics) are left as they
+        were.
+        """
+        x, y = self._check_batch(x, y)
+        saved = self._snapshot_buffers()
+        try:
+            return masked_log_softmax(self._generator_logits(x, None), y, self.owner).exp()
+        finally:
+            self._restore_buffers(saved)
+
+    # -------------------------------------------------------------- validation
+    def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a Tensor of class indices, got {type(y).__name__}")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"y must be 1-D (batch,), got shape {tuple(y.shape)}")
+        if x.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"x and y must have the same batch size, got x.shape={tuple(x.shape)} and "
+                f"y.shape={tuple(y.shape)}"
+            )
+        if y.numel() == 0:
+            raise ValueError("the batch is empty (y has 0 elements)")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"y must lie in [0, {self.num_classes}) (len(psi)={self.num_classes}), got {bad}"
+            )
+        return x, y.to(device=self.owner.device, dtype=torch.long)
+
+    def _check_aux_target(self, aux_target: Tensor, y: Tensor, ref: Tensor) -> Tensor:
+        if not isinstance(aux_target, Tensor):
+            raise TypeError(f"aux_target must be a Tensor, got {type(aux_target).__name__}")
+        n = y.shape[0]
+        if aux_target.dim() == 1 and not aux_target.dtype.is_floating_point:
+            if aux_target.shape[0] != n:
+                raise ValueError(
+                    f"aux_target must have one entry per sample ({n}), got {aux_target.shape[0]}"
+                )
+            aux = aux_target.to(device=y.device, dtype=torch.long)
+            if int(aux.min()) < 0 or int(aux.max()) >= self.num_aux:
+                raise ValueError(
+                    f"aux_target indices must lie in [0, sum(psi)={self.num_aux}), got "
+                    f"[{int(aux.min())}, {int(aux.max())}]"
+                )
+            if not bool((self.owner[aux] == y).all()):
+                raise ValueError(
+                    "aux_target must name an auxiliary class owned by each sample's primary "
+                    "class (owner[aux_target] == y)"
+                )
+            return torch.nn.functional.one_hot(aux, self.num_aux).to(ref.dtype)
+        if aux_target.shape != (n, self.num_aux):
+            raise ValueError(
+                f"aux_target must be (batch,) class indices or (batch, sum(psi)) = "
+                f"({n}, {self.num_aux}) soft labels, got shape {tuple(aux_target.shape)}"
+            )
+        return aux_target.to(device=ref.device, dtype=ref.dtype)
+
+    # ----------------------------------------------------------------- buffers
+    def _snapshot_buffers(self) -> list[tuple[Tensor, Tensor]]:
+        return [(b, b.clone()) for b in self.buffers()]
+
+    @staticmethod
+    def _restore_buffers(saved: list[tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for b, c in saved:
+                b.copy_(c)
+
+    def _model_buffers(self) -> dict[str, Tensor]:
+        return {k: b.clone() for k, b in self.model.named_buffers()}
+
+    # ------------------------------------------------------------- distributed
+    def _world(self) -> int:
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _average(self, tensors: list[Tensor]) -> None:
+        """In-place mean across ranks (one flattened all-reduce)."""
+        world = self._world()
+        if world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.process_group)
+        flat /= world
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+    # -------------------------------------------------------------------- step
+    def step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        optimizer: torch.optim.Optimizer,
+        gen_optimizer: Optional[torch.optim.Optimizer] = None,
+        *,
+        aux_target: Optional[Tensor] = None,
+    ) -> dict[str, Any]:
+        """One MAXL training step: update the multi-task network and the generator.
+
+        Computes the soft labels, the multi-task loss and its gradient ``G`` (one forward
+        and backward of the model), the meta-gradient of the generator through one
+        differentiable step of ``optimizer`` (when ``gen_optimizer`` is given and this is a
+        meta step), then steps ``optimizer`` on ``G`` and ``gen_optimizer`` on the
+        meta-gradient. The model's BatchNorm statistics move exactly as in one ordinary
+        training forward.
+
+        Args:
+            x: input batch.
+            y: ``(batch,)`` primary labels in ``[0, len(psi))``.
+            optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over
+                :meth:`model_parameters` (or a subset: the others stay fixed).
+            gen_optimizer: optimiser over :meth:`generator_parameters`; ``None`` keeps
+                the generator fixed.
+            aux_target: fixed auxiliary labels instead of generated ones (human, random,
+                K-means baselines): ``(batch,)`` auxiliary class indices or
+                ``(batch, sum(psi))`` soft labels. Disables the meta step.
+
+        Returns:
+            A dict with ``loss``, ``primary_loss``, ``aux_loss`` (detached tensors),
+            ``meta_loss`` (tensor, or ``None`` when the generator was not updated),
+            ``logits`` (detached primary logits of the batch), ``meta_updated`` (bool) and
+            ``skipped`` (1 when a non-finite step was skipped, else 0).
+
+        Raises:
+            NonFiniteError: on a non-finite loss or gradient with ``nonfinite="raise"``.
+        """
+        x, y = self._check_batch(x, y)
+        check_optimizer(
+            optimizer, self.model_parameters(), argname="optimizer", owner="model_parameters()"
+        )
+        if gen_optimizer is not None:
+            check_optimizer(
+                gen_optimizer,
+                self.generator_parameters(),
+                argname="gen_optimizer",
+                owner="generator_parameters()",
+            )
+        do_meta = (
+            gen_optimizer is not None
+            and aux_target is None
+            and self.aux_weight > 0
+            and self._steps % self.meta_every == 0
+        )
+        params = [
+            p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
+        ]
+        saved = self._snapshot_buffers()
+        try:
+            out = self._step(x, y, optimizer, gen_optimizer, aux_target, params, do_meta)
+        except BaseException:
+            self._restore_buffers(saved)
+            raise
+        if out["skipped"]:
+            self._restore_buffers(saved)
+        else:
+            self._steps += 1
+        return out
+
+    def _step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        optimizer: torch.optim.Optimizer,
+        gen_optimizer: Optional[torch.optim.Optimizer],
+        aux_target: Optional[Tensor],
+        params: list[Tensor],
+        do_meta: bool,
+    ) -> dict[str, Any]:
+        n = x.shape[0]
+        rng = RNGState(x.device) if do_meta else None
+        z_p = self.model(x)
+        h = self._take_features()
+        z_a = self.aux_head(h)
+        gen_params = self.generator_parameters()
+
+        if aux_target is not None:
+            t = self._check_aux_target(aux_target, y, z_a)
+        else:
+            with torch.set_grad_enabled(do_meta):
+                t = masked_log_softmax(self._generator_logits(x, h), y, self.owner).exp()
+        ell = per_class_loss(z_a, self.loss, self.focal_gamma)
+        lp = primary_loss(z_p, y, self.loss, self.focal_gamma)
+        la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
+        loss = lp + self.aux_weight * la
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        present = [i for i, g in enumerate(grads) if g is not None]
+        self._average([grads[i] for i in present])  # type: ignore[misc]
+        result: dict[str, Any] = {
+            "loss": loss.detach(),
+            "primary_loss": lp.detach(),
+            "aux_loss": la.detach(),
+            "meta_loss": None,
+            "logits": z_p.detach(),
+            "meta_updated": False,
+            "skipped": 0,
+        }
+        if not _all_finite([loss, *grads]):
+            return self._nonfinite(result, "multi-task loss or gradient")
+
+        gen_grads: Optional[list[Optional[Tensor]]] = None
+        if do_meta:
+            gen_grads, meta_loss = self._meta_gradient(
+                x, y, optimizer, params, grads, present, ell.detach(), t, n, rng, gen_params
+            )
+            result["meta_loss"] = meta_loss
+            if not _all_finite([meta_loss, *gen_grads]):
+                return self._nonfinite(result, "meta loss or meta-gradient")
+
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        if gen_grads is not None and gen_optimizer is not None:
+            for p, g in zip(gen_params, gen_grads):
+                p.grad = g
+            gen_optimizer.step()
+            result["meta_updated"] = True
+        return result
+
+    def _meta_gradient(
+        self,
+        x: Tensor,
+        y: Tensor,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        grads: list[Optional[Tensor]],
+        present: list[int],
+        ell: Tensor,
+        t: Tensor,
+        n: int,
+        rng: Optional[RNGState],
+        gen_params: list[nn.Parameter],
+    ) -> tuple[list[Optional[Tensor]], Tensor]:
+        names = {id(p): k for k, p in self.model.named_parameters()}
+        idx = [i for i in present if id(params[i]) in names]
+        moving = [params[i] for i in idx]
+        keys = [names[id(p)] for p in moving]
+
+        def primary_loss_at(values: list[Tensor]) -> Tensor:
+            z = functional_call(self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,))
+            self._features = None
+            return primary_loss(z, y, self.loss, self.focal_gamma)
+
+        def loss_matrix_at(values: list[Tensor]) -> Tensor:
+            functional_call(self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,))
+            return per_class_loss(self.aux_head(self._take_features()), self.loss, self.focal_gamma)
+
+        if moving:
+            u, lp_plus = lookahead_direction(
+                optimizer,
+                moving,
+                [grads[i] for i in idx],  # type: ignore[misc]
+                primary_loss_at,
+                reduce=self._average if self._world() > 1 else None,
+            )
+            dell = directional_derivative(
+                loss_matrix_at,
+                [p.detach() for p in moving],
+                u,
+                mode=self.meta,
+                base=ell,
+                rng=rng,
+                fd_eps=self.fd_eps,
+            )
+        else:  # nothing moves: the labels cannot affect the primary loss
+            with torch.no_grad():
+                lp_plus = primary_loss_at([])
+            dell = torch.zeros_like(ell)
+        g_t = dell.detach() * (self.aux_weight / n)
+        ent = neg_entropy(t)
+        surrogate = (g_t.to(t.dtype) * t).sum() + self.entropy_weight * ent
+        gen_grads = list(torch.autograd.grad(surrogate, gen_params, allow_unused=True))
+        self._average([g for g in gen_grads if g is not None])
+        return gen_grads, (lp_plus + self.entropy_weight * ent.detach()).detach()
+
+    def _nonfinite(self, result: dict[str, Any], what: str) -> dict[str, Any]:
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite {what} (loss={float(result['loss']):.4g}); no parameter, buffer or "
+                "optimiser state was changed. Pass nonfinite='skip' to skip such steps"
+            )
+        logger.warning("skipping a step with a non-finite %s", what)
+        result["skipped"] = 1
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"psi={list(self.psi)}, generator={self.generator_kind!r}, loss={self.loss!r}, "
+            f"meta={self.meta!r}, meta_every={self.meta_every}, aux_weight={self.aux_weight}, "
+            f"entropy_weight={self.entropy_weight}"
+        )
