@@ -182,6 +182,12 @@ class AuxiliaryLabeler(nn.Module):
                 )
             self.generator_kind = generator
             if generator == "copy":
+                if not isinstance(cls_module, nn.Linear):
+                    raise ValueError(
+                        f"generator='copy' replaces the classifier '{cls_name}' by an nn.Linear, "
+                        f"but it is a {type(cls_module).__name__}; pass generator='head' or a "
+                        "label-generation module"
+                    )
                 gen = copy.deepcopy(model)
                 for hooks in (m._forward_hooks for m in gen.modules()):
                     hooks.clear()

@@ -1,0 +1,40 @@
+"""Small models that honour the real contracts, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyConvNet(nn.Module):
+    """Conv-BN-ReLU-pool feature extractor plus a named ``head`` classifier."""
+
+    def __init__(self, num_classes: int = 3, width: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def mlp(num_in: int = 6, hidden: int = 8, num_classes: int = 3, bn: bool = True) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(num_in, hidden)]
+    if bn:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.Tanh(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def batch(n: int = 12, num_classes: int = 3, shape: tuple[int, ...] = (6,), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.arange(n) % num_classes
+    return x, y
