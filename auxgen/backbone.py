@@ -72,7 +72,8 @@ def find_classifier(
                 )
             return names[id(classifier)], classifier
         raise TypeError(
-            f"classifier must be a module name (str) or an nn.Module, got {type(classifier).__name__}"
+            "classifier must be a module name (str) or an nn.Module, got "
+            f"{type(classifier).__name__}"
         )
     candidates = []
     get_classifier = getattr(model, "get_classifier", None)

@@ -59,9 +59,7 @@ def normalize_psi(
             )
         psi = [psi] * int(num_classes)
     if not isinstance(psi, Sequence) or isinstance(psi, (str, bytes)):
-        raise TypeError(
-            f"psi must be an int or a sequence of ints, got {type(psi).__name__}"
-        )
+        raise TypeError(f"psi must be an int or a sequence of ints, got {type(psi).__name__}")
     out = []
     for i, p in enumerate(psi):
         if isinstance(p, bool) or not isinstance(p, int):
@@ -76,8 +74,7 @@ def normalize_psi(
         raise ValueError("psi must have at least one entry, got an empty sequence")
     if num_classes is not None and len(out) != num_classes:
         raise ValueError(
-            f"psi must have one entry per primary class (num_classes={num_classes}), "
-            f"got {len(out)}"
+            f"psi must have one entry per primary class (num_classes={num_classes}), got {len(out)}"
         )
     return tuple(out)
 

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from .backbone import feature_dim_of, find_classifier, replace_module
 from .hierarchy import masked_log_softmax, normalize_psi, owner_index
-from .losses import LOSSES, aux_loss, neg_entropy, per_class_loss, primary_loss
+from .losses import LOSSES, neg_entropy, per_class_loss, primary_loss
 from .meta import META_MODES, RNGState, directional_derivative, lookahead_direction
 from .mirror import check_optimizer
 
@@ -436,9 +436,7 @@ class AuxiliaryLabeler(nn.Module):
             and self.aux_weight > 0
             and self._steps % self.meta_every == 0
         )
-        params = [
-            p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
-        ]
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         saved = self._snapshot_buffers()
         try:
             out = self._step(x, y, optimizer, gen_optimizer, aux_target, params, do_meta)
@@ -531,7 +529,9 @@ class AuxiliaryLabeler(nn.Module):
         keys = [names[id(p)] for p in moving]
 
         def primary_loss_at(values: list[Tensor]) -> Tensor:
-            z = functional_call(self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,))
+            z = functional_call(
+                self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,)
+            )
             self._features = None
             return primary_loss(z, y, self.loss, self.focal_gamma)
 

@@ -49,9 +49,7 @@ def _kind(optimizer: torch.optim.Optimizer) -> str:
     )
 
 
-def check_optimizer(
-    optimizer: Any, allowed: Iterable[Tensor], *, argname: str, owner: str
-) -> None:
+def check_optimizer(optimizer: Any, allowed: Iterable[Tensor], *, argname: str, owner: str) -> None:
     """Check that ``optimizer`` is supported and only holds parameters from ``allowed``.
 
     Args:
@@ -121,7 +119,8 @@ def _adam(
     eps_root = torch.finfo(thetas[0].dtype).tiny
     tx = scale_by_adam.impl(b1=b1, b2=b2, eps=eps, eps_root=eps_root)  # type: ignore[attr-defined]
     updates, _ = tx.update(
-        tuple(gs), ScaleByAdamState(mu=tuple(mus), nu=tuple(nus), count=tuple(counts)),
+        tuple(gs),
+        ScaleByAdamState(mu=tuple(mus), nu=tuple(nus), count=tuple(counts)),
         inplace=False,
     )
     out = []
@@ -179,7 +178,11 @@ def lookahead(
         decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
         gs = [-grads[i] if group.get("maximize", False) else grads[i] for i in idx]  # type: ignore[operator]
         new = _adam(
-            group, optimizer.state, [params[i] for i in idx], [thetas[i] for i in idx], gs,
+            group,
+            optimizer.state,
+            [params[i] for i in idx],
+            [thetas[i] for i in idx],
+            gs,
             decoupled,
         )
         for i, t in zip(idx, new):

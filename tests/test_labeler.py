@@ -26,7 +26,7 @@ def _opts(lab, lr=0.1):
 def test_public_api_imports():
     for name in auxgen.__all__:
         assert hasattr(auxgen, name), name
-    assert auxgen.SUPPORTED_OPTIMIZERS == (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    assert (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) == auxgen.SUPPORTED_OPTIMIZERS
 
 
 # ---------------------------------------------------------------- hierarchy
@@ -114,9 +114,7 @@ def test_batchnorm_stats_equal_one_ordinary_forward(meta):
 def test_every_generator_parameter_gets_a_gradient(generator):
     model = TinyConvNet(num_classes=3, width=6)
     gen = (
-        nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 9))
-        if generator == "module"
-        else generator
+        nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 9)) if generator == "module" else generator
     )
     lab = AuxiliaryLabeler(model, psi=[2, 3, 4], generator=gen)
     if generator == "copy":
@@ -127,7 +125,7 @@ def test_every_generator_parameter_gets_a_gradient(generator):
     before = [p.clone() for p in lab.generator_parameters()]
     x, y = torch.randn(9, 3, 8, 8), torch.arange(9) % 3
     lab.step(x, y, opt, gen_opt)
-    for p, b in zip(lab.generator_parameters(), before):
+    for p, _b in zip(lab.generator_parameters(), before):
         assert p.grad is not None and torch.isfinite(p.grad).all()
         assert p.grad.abs().sum() > 0
     assert any(not torch.equal(p, b) for p, b in zip(lab.generator_parameters(), before))
@@ -255,7 +253,7 @@ class NoLinear(nn.Module):
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match=r"psi must have one entry per primary class \(num_classes=3\), got 2"):
+    with pytest.raises(ValueError, match=r"one entry per primary class \(num_classes=3\), got 2"):
         AuxiliaryLabeler(mlp(), psi=[2, 2])
     with pytest.raises(ValueError, match=r"psi entries must be positive, got psi\[1\]=-1"):
         AuxiliaryLabeler(mlp(), psi=[2, -1, 2])
@@ -317,9 +315,15 @@ def test_step_input_errors():
         lab.step(x, y + 1, opt, gen_opt)
     with pytest.raises(ValueError, match=r"y must lie in \[0, 3\) \(len\(psi\)=3\), got -1"):
         lab.step(x, y - 1, opt, gen_opt)
-    with pytest.raises(TypeError, match="y must hold integer class indices, got dtype torch.float32"):
+    with pytest.raises(
+        TypeError,
+        match="y must hold integer class indices, got dtype torch.float32",
+    ):
         lab.step(x, y.float(), opt, gen_opt)
-    with pytest.raises(ValueError, match=r"same batch size, got x.shape=\(11, 6\) and y.shape=\(12,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"same batch size, got x.shape=\(11, 6\) and y.shape=\(12,\)",
+    ):
         lab.step(x[:11], y, opt, gen_opt)
     with pytest.raises(TypeError, match="x must be a Tensor, got list"):
         lab.step([1, 2], y, opt, gen_opt)
