@@ -40,6 +40,10 @@ def _reinitialise(module: nn.Module) -> None:
             reset_stats()
 
 
+def _widen(z: Tensor) -> Tensor:
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _all_finite(tensors: Sequence[Optional[Tensor]]) -> bool:
     sums = [t.detach().float().sum() for t in tensors if t is not None]
     return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
@@ -224,6 +228,7 @@ class AuxiliaryLabeler(nn.Module):
         self._features: Optional[Tensor] = None
         self._hook = cls_module.register_forward_hook(self._capture)
         self._steps = 0
+        self._synced = False
 
     # ------------------------------------------------------------------ wiring
     def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -366,6 +371,20 @@ class AuxiliaryLabeler(nn.Module):
             return 1
         return dist.get_world_size(self.process_group)
 
+    def broadcast_state(self, src: int = 0) -> None:
+        """Copy rank ``src``'s parameters and buffers to every rank.
+
+        :meth:`step` calls it once, on the first step taken with world size > 1 (as
+        ``DistributedDataParallel`` does at construction); call it again after loading a
+        checkpoint on one rank only. A no-op without a process group.
+        """
+        if self._world() == 1:
+            return
+        with torch.no_grad():
+            for t in [*self.parameters(), *self.buffers()]:
+                dist.broadcast(t.data, src=src, group=self.process_group)
+        self._synced = True
+
     def _average(self, tensors: list[Tensor]) -> None:
         """In-place mean across ranks (one flattened all-reduce)."""
         world = self._world()
@@ -436,6 +455,8 @@ class AuxiliaryLabeler(nn.Module):
             and self.aux_weight > 0
             and self._steps % self.meta_every == 0
         )
+        if not self._synced and self._world() > 1:
+            self.broadcast_state()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         saved = self._snapshot_buffers()
         try:
@@ -471,7 +492,8 @@ class AuxiliaryLabeler(nn.Module):
         else:
             with torch.set_grad_enabled(do_meta):
                 t = masked_log_softmax(self._generator_logits(x, h), y, self.owner).exp()
-        ell = per_class_loss(z_a, self.loss, self.focal_gamma)
+        # float32 (or wider) loss matrix: under autocast z_a may be bf16/fp16
+        ell = per_class_loss(_widen(z_a), self.loss, self.focal_gamma)
         lp = primary_loss(z_p, y, self.loss, self.focal_gamma)
         la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
         loss = lp + self.aux_weight * la
@@ -537,7 +559,8 @@ class AuxiliaryLabeler(nn.Module):
 
         def loss_matrix_at(values: list[Tensor]) -> Tensor:
             functional_call(self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,))
-            return per_class_loss(self.aux_head(self._take_features()), self.loss, self.focal_gamma)
+            z_a = _widen(self.aux_head(self._take_features()))
+            return per_class_loss(z_a, self.loss, self.focal_gamma)
 
         if moving:
             u, lp_plus = lookahead_direction(

@@ -38,7 +38,13 @@ from torch import Tensor
 
 from .mirror import lookahead
 
-__all__ = ["META_MODES", "lookahead_direction", "directional_derivative", "RNGState"]
+__all__ = [
+    "META_MODES",
+    "RNGState",
+    "default_fd_eps",
+    "directional_derivative",
+    "lookahead_direction",
+]
 
 META_MODES = ("second_order", "first_order")
 
@@ -56,6 +62,23 @@ class RNGState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+def default_fd_eps(base: Tensor) -> float:
+    """``sqrt(machine eps)`` of the least precise dtype the forward computes in.
+
+    Under autocast the network runs in bf16/fp16 even when the losses come out in float32,
+    so the finite-difference step must be sized for the autocast dtype.
+    """
+    dtype, dev = base.dtype, base.device.type
+    try:
+        on, low = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+        low = torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
+    if on and torch.finfo(low).eps > torch.finfo(dtype).eps:
+        dtype = low
+    return float(torch.finfo(dtype).eps ** 0.5)
 
 
 def lookahead_direction(
@@ -146,7 +169,7 @@ def _directional_derivative(
         if float(dnorm) == 0.0:
             return torch.zeros_like(base)
         tnorm = torch.sqrt(sum((t.double() ** 2).sum() for t in thetas))
-        rel = fd_eps if fd_eps is not None else torch.finfo(base.dtype).eps ** 0.5
+        rel = fd_eps if fd_eps is not None else default_fd_eps(base)
         eps = rel * float(torch.clamp(tnorm, min=1.0)) / float(dnorm)
         with torch.no_grad():
             shifted = [t + eps * d for t, d in zip(thetas, direction)]
