@@ -36,7 +36,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .mirror import lookahead
+from .mirror import lookahead, sgd_jacobian
 
 __all__ = [
     "META_MODES",
@@ -81,6 +81,17 @@ def default_fd_eps(base: Tensor) -> float:
     return float(torch.finfo(dtype).eps ** 0.5)
 
 
+def _grads_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
+def global_norm(tensors: Sequence[Tensor]) -> float:
+    """Euclidean norm of a list of tensors, as if concatenated (float64 accumulation)."""
+    norms = torch._foreach_norm(list(tensors)) if tensors else []
+    return float(torch.stack([n.double() for n in norms]).norm()) if norms else 0.0
+
+
 def lookahead_direction(
     optimizer: torch.optim.Optimizer,
     params: Sequence[Tensor],
@@ -98,13 +109,23 @@ def lookahead_direction(
         primary_loss_at: ``theta_plus -> L_p`` evaluated by the real module.
         reduce: in-place average across ranks of the look-ahead gradient, or ``None``.
     """
+    slopes = sgd_jacobian(optimizer, params)
+    if slopes is not None:  # affine update: the VJP is a per-parameter scaling
+        with torch.no_grad():
+            theta_plus = lookahead(optimizer, params, [p.detach() for p in params], grads)
+        with torch.enable_grad():
+            tp = [t.requires_grad_(True) for t in theta_plus]
+            lp_plus = primary_loss_at(tp)
+            v = _grads_or_zeros(lp_plus, tp)
+        if reduce is not None:
+            reduce(v)
+        return [vi.mul_(s) for vi, s in zip(v, slopes)], lp_plus.detach()
     g_leaf = [g.detach().requires_grad_(True) for g in grads]
     with torch.enable_grad():
         theta_plus = lookahead(optimizer, params, [p.detach() for p in params], g_leaf)
         tp = [t.detach().requires_grad_(True) for t in theta_plus]
         lp_plus = primary_loss_at(tp)
-        v = torch.autograd.grad(lp_plus, tp, allow_unused=True)
-        v = [torch.zeros_like(t) if vi is None else vi for t, vi in zip(tp, v)]
+        v = _grads_or_zeros(lp_plus, tp)
         if reduce is not None:
             reduce(v)
         u = torch.autograd.grad(theta_plus, g_leaf, v, allow_unused=True)
@@ -165,12 +186,11 @@ def _directional_derivative(
     if mode == "first_order":
         if base is None:
             raise ValueError("first_order needs the losses of the forward at theta (base=)")
-        dnorm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction))
-        if float(dnorm) == 0.0:
+        dnorm = global_norm(direction)
+        if dnorm == 0.0:
             return torch.zeros_like(base)
-        tnorm = torch.sqrt(sum((t.double() ** 2).sum() for t in thetas))
         rel = fd_eps if fd_eps is not None else default_fd_eps(base)
-        eps = rel * float(torch.clamp(tnorm, min=1.0)) / float(dnorm)
+        eps = rel * max(global_norm(thetas), 1.0) / dnorm
         with torch.no_grad():
             shifted = [t + eps * d for t, d in zip(thetas, direction)]
             return (loss_matrix_at(shifted) - base) / eps

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchopt.transform.scale_by_adam import ScaleByAdamState, scale_by_adam
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "check_optimizer", "lookahead"]
+__all__ = ["SUPPORTED_OPTIMIZERS", "check_optimizer", "lookahead", "sgd_jacobian"]
 
 SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -188,3 +188,35 @@ def lookahead(
         for i, t in zip(idx, new):
             out[i] = t
     return out  # type: ignore[return-value]
+
+
+def sgd_jacobian(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> Optional[list[float]]:
+    """``d theta_plus / d G`` of an SGD step, one scalar per parameter; ``None`` for Adam.
+
+    SGD's update is affine in the gradient with a per-group slope, so the vector-Jacobian
+    product through the look-ahead is a scaling and needs no autograd graph:
+    ``-lr`` without momentum; ``-lr * c`` with momentum, where ``c = 1`` on the first step
+    (the buffer starts as the gradient) and ``1 - dampening`` afterwards; Nesterov adds
+    ``momentum * c``. ``maximize`` flips the sign.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> sgd_jacobian(torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True), [w])
+        [-0.19]
+    """
+    if _kind(optimizer) != "sgd":
+        return None
+    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        group = where[id(p)]
+        lr, mom, damp = _f(group["lr"]), _f(group["momentum"]), _f(group["dampening"])
+        slope = 1.0
+        if mom != 0:
+            has_buf = optimizer.state.get(p, {}).get("momentum_buffer") is not None
+            c = (1.0 - damp) if has_buf else 1.0
+            slope = 1.0 + mom * c if group["nesterov"] else c
+        out.append(-lr * slope * (-1.0 if group.get("maximize", False) else 1.0))
+    return out

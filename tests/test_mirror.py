@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from auxgen.mirror import lookahead
+from auxgen.mirror import lookahead, sgd_jacobian
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -60,3 +60,20 @@ def test_adam_lookahead_is_differentiable_at_zero_gradient():
     # d(theta+)/dg at g = 0 on Adam's first step is -lr * (1 - b1) / ((1 - b1) * eps)... finite,
     # and for g != 0 on the first step the update is -lr * sign(g), whose derivative is ~0.
     assert abs(float(d[1])) < 1e-6 and abs(float(d[2])) < 1e-6
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(OPTIMIZERS) if n.startswith("sgd")])
+def test_sgd_jacobian_matches_autograd(name):
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = OPTIMIZERS[name](params)
+    for _ in range(2):  # before and after the momentum buffer exists
+        grads = [torch.randn_like(p, requires_grad=True) for p in params]
+        out = lookahead(opt, params, [p.detach() for p in params], grads)
+        v = [torch.randn_like(p) for p in params]
+        expected = torch.autograd.grad(out, grads, v)
+        for s, vi, e in zip(sgd_jacobian(opt, params), v, expected):
+            torch.testing.assert_close(s * vi, e)
+        for p, g in zip(params, grads):
+            p.grad = g.detach()
+        opt.step()
+    assert sgd_jacobian(torch.optim.Adam(params), params) is None
