@@ -369,6 +369,13 @@ class AuxiliaryLabeler(nn.Module):
     def _model_buffers(self) -> dict[str, Tensor]:
         return {k: b.clone() for k, b in self.model.named_buffers()}
 
+    def get_extra_state(self) -> dict[str, int]:
+        """Saved in ``state_dict()``: the step counter that schedules ``meta_every``."""
+        return {"steps": self._steps}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self._steps = int(state["steps"])
+
     # ------------------------------------------------------------- distributed
     def _world(self) -> int:
         if self.distributed is False or not (dist.is_available() and dist.is_initialized()):

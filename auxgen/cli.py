@@ -1,0 +1,336 @@
+"""The ``auxgen`` command line: ``auxgen demo`` and ``auxgen run``.
+
+Examples::
+
+    auxgen demo                      # offline digits demo, ~45 s on 2 shared CPU cores
+    auxgen demo --smoke --out /tmp/demo
+    auxgen run --dataset cifar100 --data-dir /root/data --methods single human maxl-copy \\
+        --seeds 0 1 --train-subset 50 --epochs 20 --out runs/cifar100
+    python -m auxgen run --dataset digits --method maxl --generator head --epochs 5
+
+Bad input (a missing or malformed ``--data-dir``, an unknown backbone, ``--psi`` or levels
+that do not fit the dataset, ...) ends with a one-line ``auxgen: error: ...`` on stderr and
+exit status 2. Progress bars (tqdm) and log lines go to stderr; the results table goes to
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+from .labeler import NonFiniteError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("auxgen")
+
+DEFAULT_METHODS = ("single", "human", "random", "kmeans", "maxl")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (plus exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _subset(text: str) -> Optional[int]:
+    if text.lower() in ("all", "none", "0"):
+        return None
+    return _positive_int(text)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    # Also accepted after the subcommand; SUPPRESS keeps the top-level value otherwise.
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``auxgen`` command."""
+    from .runner import DATASETS, GENERATORS, META_MODES, OPTIMIZERS, SCHEDULES
+
+    parser = _Parser(
+        prog="auxgen",
+        description="Meta AuXiliary Learning (MAXL): train classifiers with generated "
+        "auxiliary labels and compare them with single-task and fixed auxiliary tasks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,run}")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo on scikit-learn digits (primary: digit >= 5; aux: the digit)",
+        description="Train single-task, human, random, k-means and MAXL on scikit-learn's "
+        "digits (primary task: digit >= 5, psi = (5, 5), human auxiliary task: the digit) "
+        "with the same small CNN and budget; print and save a results table, accuracy "
+        "curves and pictures of what MAXL learned.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (3)")
+    demo.add_argument("--epochs", type=_positive_int, default=15, help="epochs per run (15)")
+    demo.add_argument(
+        "--train-subset",
+        type=_subset,
+        default=20,
+        help="training images per digit, or 'all' (default: 20)",
+    )
+    demo.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="methods to compare (default: single human random kmeans maxl)",
+    )
+    demo.add_argument("--smoke", action="store_true", help="finish in seconds (tiny budget)")
+    _add_common(demo)
+    demo.set_defaults(func=_cmd_demo, threads=1)
+
+    run = sub.add_parser(
+        "run",
+        help="train methods x seeds on a dataset",
+        description="Train one or more methods with one or more seeds on the same backbone "
+        "and budget. Each run writes OUT/<method>/seed<k>/results.json and a checkpoint "
+        "(resumed automatically); OUT gets results.json, results.md and accuracy.png.",
+    )
+    g = run.add_argument_group("task")
+    g.add_argument("--dataset", choices=DATASETS, required=True)
+    g.add_argument(
+        "--method",
+        "--methods",
+        dest="methods",
+        nargs="+",
+        default=["maxl"],
+        help="single, human, random, kmeans, maxl, maxl-copy, maxl-head (several allowed)",
+    )
+    g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0])
+    g.add_argument(
+        "--primary-level", type=int, default=None, help="CIFAR-100 primary level: 3, 10, 20"
+    )
+    g.add_argument("--aux-level", type=int, default=None, help="CIFAR-100 aux level (100)")
+    g.add_argument("--psi", type=int, nargs="+", default=None, help="aux classes per class")
+    g = run.add_argument_group("data")
+    g.add_argument("--data-dir", default=None, help="folder with cifar-100-python/ etc.")
+    g.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    g.add_argument(
+        "--train-subset", type=_subset, default=None, help="training images per fine class"
+    )
+    g.add_argument("--test-limit", type=_positive_int, default=None)
+    g.add_argument(
+        "--eval-subset",
+        type=_positive_int,
+        default=None,
+        help="test images for the per-epoch curve (final accuracy uses all)",
+    )
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the training subset")
+    g = run.add_argument_group("model and optimisation")
+    g.add_argument("--backbone", default="cnn", help="cnn, a timm or torchvision:NAME model")
+    g.add_argument("--width", type=_positive_int, default=32, help="width of the cnn backbone")
+    g.add_argument("--epochs", type=_positive_int, default=10)
+    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--lr", type=_float, default=0.05)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    g.add_argument("--momentum", type=_float, default=0.9)
+    g.add_argument("--weight-decay", type=_float, default=5e-4)
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    g.add_argument("--aux-weight", type=_float, default=1.0)
+    g = run.add_argument_group("MAXL")
+    g.add_argument("--generator", choices=GENERATORS, default="copy")
+    g.add_argument("--gen-lr", type=_float, default=1e-3)
+    g.add_argument("--gen-weight-decay", type=_float, default=5e-4)
+    g.add_argument("--meta", choices=META_MODES, default="second_order")
+    g.add_argument("--meta-every", type=_positive_int, default=1)
+    g.add_argument("--entropy-weight", type=_float, default=0.2)
+    g = run.add_argument_group("execution")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<dataset>)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--deterministic", action="store_true")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_const",
+        const=True,
+        default=None,
+        help="require a checkpoint to resume (default: resume when one exists)",
+    )
+    r.add_argument("--no-resume", dest="resume", action="store_const", const=False)
+    g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
+    g.add_argument("--smoke", action="store_true", help="a seconds-long run")
+    _add_common(run)
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def _check_data_dir(path: str, download: bool) -> None:
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"--data-dir {path} is not a directory")
+    if not p.exists() and not download:
+        raise FileNotFoundError(f"--data-dir {path} does not exist (pass --download to fetch)")
+
+
+def _report(result: dict[str, Any], out: Optional[str]) -> None:
+    from .runner import format_table
+
+    print(format_table(result["summary"]))
+    if out is not None:
+        names = ["results.json", "results.md", "accuracy.png"]
+        names += sorted(p.name for p in Path(out).glob("*_aux_*.png"))
+        files = ", ".join(n for n in names if (Path(out) / n).is_file())
+        print(f"\nwrote {files} to {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from .runner import parse_method, run_demo
+
+    for m in args.methods:
+        parse_method(m)
+    t0 = time.perf_counter()
+    result = run_demo(
+        out_dir=args.out,
+        seeds=args.seeds,
+        smoke=args.smoke,
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        methods=args.methods,
+        threads=args.threads,
+        progress=args.progress,
+    )
+    _report(result, args.out)
+    maxl = [r for r in result["runs"] if r["config"]["method"] == "maxl"]
+    if maxl and "aux_nmi_test" in maxl[0]["aux"]:
+        nmis = ", ".join(f"{r['aux']['aux_nmi_test']:.3f}" for r in maxl)
+        rand = [r["aux"]["aux_nmi_train"] for r in result["runs"] if r["label"] == "random"]
+        ref = f" (random labels: {sum(rand) / len(rand):.3f})" if rand else ""
+        print(f"MAXL: NMI of generated aux classes with the true digits (test set): {nmis}{ref}")
+    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunConfig, check_backbone, check_config, parse_method, run_sweep
+
+    check_backbone(args.backbone)
+    data_dir = args.data_dir
+    if args.dataset != "digits":
+        data_dir = data_dir if data_dir is not None else "data"
+        _check_data_dir(data_dir, args.download)
+    psi = None if args.psi is None else (args.psi[0] if len(args.psi) == 1 else tuple(args.psi))
+    base = RunConfig(
+        dataset=args.dataset,
+        backbone=args.backbone,
+        width=args.width,
+        primary_level=args.primary_level,
+        aux_level=args.aux_level,
+        psi=psi,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        gen_lr=args.gen_lr,
+        gen_weight_decay=args.gen_weight_decay,
+        generator=args.generator,
+        meta=args.meta,
+        meta_every=args.meta_every,
+        aux_weight=args.aux_weight,
+        entropy_weight=args.entropy_weight,
+        data_seed=args.data_seed,
+        train_subset=args.train_subset,
+        test_limit=args.test_limit,
+        eval_subset=args.eval_subset,
+        augment=args.augment,
+        data_dir=data_dir if data_dir is not None else "data",
+        download=args.download,
+        device=args.device,
+        threads=args.threads,
+        deterministic=args.deterministic,
+        resume=args.resume,
+        checkpoint=args.checkpoint,
+        progress=args.progress,
+        smoke=args.smoke,
+    )
+    for m in args.methods:
+        check_config(dataclasses.replace(base, method=parse_method(m)[0]))
+    out = args.out if args.out is not None else f"runs/{args.dataset}"
+    result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
+    _report(result, out)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``auxgen`` command line; return the exit status.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 on bad input (one-line message on stderr), 1 when training diverges,
+        130 on Ctrl-C.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("auxgen").setLevel(level)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        with logging_redirect_tqdm():
+            return int(args.func(args))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"auxgen: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"auxgen: training diverged: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("auxgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

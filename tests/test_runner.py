@@ -1,0 +1,164 @@
+"""The training runner: every method on tiny digits runs, determinism, resume, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from auxgen.runner import (
+    RunConfig,
+    SmallCNN,
+    build_model,
+    check_backbone,
+    check_config,
+    format_table,
+    load_data,
+    markdown_table,
+    parse_method,
+    run_sweep,
+    summarize,
+    train,
+)
+
+TINY = RunConfig(
+    dataset="digits",
+    epochs=1,
+    train_subset=4,
+    test_limit=100,
+    batch_size=16,
+    width=8,
+    threads=1,
+    progress=False,
+)
+
+
+def _strip_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if not k.endswith("_time_s")} for h in history]
+
+
+@pytest.mark.parametrize("spec", ["single", "human", "random", "kmeans", "maxl-copy", "maxl-head"])
+def test_each_method_trains(spec: str, tmp_path: Path) -> None:
+    method, gen = parse_method(spec)
+    cfg = dataclasses.replace(TINY, method=method, generator=gen or "copy", out_dir=str(tmp_path))
+    res = train(cfg)
+    assert res["label"] == spec
+    assert len(res["history"]) == 1 and res["num_train"] == 40 and res["num_test"] == 100
+    assert 0.0 <= res["final_test_accuracy"] <= 1.0
+    h = res["history"][0]
+    assert h["meta_updates"] == (3 if method == "maxl" else 0)  # 40 images / batch 16
+    if method == "single":
+        assert res["aux"] == {} and h["train_aux_loss"] > 0  # aux loss computed, weight 0
+    elif method == "maxl":
+        aux = res["aux"]
+        assert 0.0 <= aux["aux_nmi_test"] <= 1.0
+        counts = torch.tensor(aux["aux_fine_counts_test"])
+        assert counts.shape == (10, 10) and int(counts.sum()) == 100
+        # generated classes respect the hierarchy: digits 0-4 only go to aux classes 0-4
+        assert int(counts[:5, 5:].sum()) == 0 and int(counts[5:, :5].sum()) == 0
+        assert len(aux["aux_examples_test"]) == 10
+        assert res["generator_parameters"] > 0
+    else:
+        assert 0.0 <= res["aux"]["aux_nmi_train"] <= 1.0
+    if method == "human":
+        assert res["aux"]["aux_nmi_train"] == pytest.approx(1.0)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["final_test_accuracy"] == res["final_test_accuracy"]
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_same_seed_same_results_other_seed_differs() -> None:
+    cfg = dataclasses.replace(TINY, method="maxl", epochs=2, deterministic=True)
+    a, b = train(cfg), train(cfg)
+    assert _strip_times(a["history"]) == _strip_times(b["history"])
+    assert a["final_test_loss"] == b["final_test_loss"] and a["aux"] == b["aux"]
+    c = train(dataclasses.replace(cfg, seed=1))
+    assert _strip_times(c["history"]) != _strip_times(a["history"])
+
+
+def test_resume_finished_run_and_mismatch(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, method="random", epochs=2, out_dir=str(tmp_path))
+    first = train(cfg)
+    again = train(cfg)  # finished: its stored results come back, nothing is retrained
+    assert again == json.loads(json.dumps(first))
+    (tmp_path / "results.json").unlink()  # checkpoint only: restored and re-evaluated
+    again = train(cfg)
+    assert again["resumed_from_epoch"] == 2
+    assert _strip_times(again["history"]) == _strip_times(first["history"])
+    assert again["final_test_accuracy"] == first["final_test_accuracy"]
+    with pytest.raises(ValueError, match="differs in: lr"):
+        train(dataclasses.replace(cfg, lr=0.01))
+    fresh = train(dataclasses.replace(cfg, lr=0.01, resume=False))
+    assert fresh["resumed_from_epoch"] is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "empty"), resume=True))
+
+
+def test_smoke_and_subset() -> None:
+    cfg = RunConfig(dataset="digits", epochs=50, smoke=True)
+    eff = cfg.effective()
+    assert eff.epochs == 1 and eff.train_subset == 4 and eff.test_limit == 256
+    data = load_data(dataclasses.replace(TINY, train_subset=7))
+    assert torch.bincount(data.fine_train).tolist() == [7] * 10
+    assert data.x_train.shape[1:] == (1, 8, 8) and data.psi == (5, 5)
+
+
+def test_task_validation() -> None:
+    assert check_config(RunConfig(dataset="cifar100")) == (5,) * 20
+    assert check_config(RunConfig(dataset="cifar100", primary_level=3, aux_level=10)) == (5, 1, 4)
+    assert check_config(RunConfig(dataset="cifar10", method="maxl", psi=3)) == (3,) * 10
+    assert check_config(RunConfig(dataset="digits", method="maxl", psi=(2, 3))) == (2, 3)
+    bad = [
+        (RunConfig(dataset="cifar100", psi=(5, 5, 5)), "psi has 3 entries"),
+        (RunConfig(dataset="cifar100", method="human", psi=4), "hierarchy's psi"),
+        (RunConfig(dataset="cifar100", primary_level=7), "primary_level"),
+        (RunConfig(dataset="cifar100", primary_level=20, aux_level=10), "aux_level"),
+        (RunConfig(dataset="digits", primary_level=3), "2 primary classes"),
+        (RunConfig(dataset="cifar10", method="human"), "hierarchy"),
+        (RunConfig(dataset="digits", method="nope"), "method must be one of"),
+        (RunConfig(dataset="digits", epochs=0), "epochs"),
+        (RunConfig(dataset="digits", psi=0), "positive"),
+    ]
+    for cfg, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            check_config(cfg)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("maxl-big")
+
+
+def test_backbones() -> None:
+    net = build_model("cnn", 3, 20, image_size=32, width=4)
+    assert isinstance(net, SmallCNN) and net(torch.zeros(2, 3, 32, 32)).shape == (2, 20)
+    assert check_backbone("cnn") == "cnn"
+    assert check_backbone("resnet18") == "timm"
+    assert check_backbone("torchvision:resnet18") == "torchvision"
+    timm_net = build_model("timm:resnet10t", 1, 2, image_size=8)
+    assert timm_net(torch.zeros(2, 1, 8, 8)).shape == (2, 2)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
+        check_backbone("resnet9000")
+    with pytest.raises(ValueError, match="needs 3-channel"):
+        build_model("torchvision:resnet18", 1, 2, image_size=8)
+
+
+def test_timm_backbone_trains() -> None:
+    cfg = dataclasses.replace(TINY, method="maxl", generator="head", backbone="resnet10t")
+    res = train(cfg)
+    assert res["history"][0]["meta_updates"] == 3
+
+
+def test_sweep_writes_summary(tmp_path: Path) -> None:
+    res = run_sweep(TINY, ["single", "maxl-head"], [0, 1], tmp_path, title="tiny")
+    rows = res["summary"]
+    assert [r["label"] for r in rows] == ["single", "maxl-head"]
+    assert all(r["seeds"] == [0, 1] for r in rows)
+    for name in ("results.json", "results.md", "accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "maxl-head" / "seed1" / "results.json").is_file()
+    assert "| maxl-head |" in markdown_table(rows)
+    assert "single" in format_table(rows)
+    assert summarize(res["runs"])[0]["accuracy_std"] >= 0
+    with pytest.raises(ValueError, match="repeat"):
+        run_sweep(TINY, ["maxl", "maxl-copy"], [0])
