@@ -48,7 +48,10 @@ def _all_finite(tensors: Sequence[Optional[Tensor]]) -> bool:
     present = [t.detach() for t in tensors if t is not None]
     if not present:
         return True
-    # one reduction per tensor: the max-norm is NaN/inf exactly when an entry is (no overflow)
+    # The L2 norm is fast and finite only if every entry is; it can also overflow, so a
+    # non-finite L2 norm is confirmed with the max-norm (NaN/inf exactly when an entry is).
+    if bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(present)])).all()):
+        return True
     peaks = torch._foreach_norm(present, ord=float("inf"))
     return bool(torch.isfinite(torch.stack([p.float() for p in peaks])).all())
 
@@ -427,7 +430,9 @@ class AuxiliaryLabeler(nn.Module):
         differentiable step of ``optimizer`` (when ``gen_optimizer`` is given and this is a
         meta step), then steps ``optimizer`` on ``G`` and ``gen_optimizer`` on the
         meta-gradient. The model's BatchNorm statistics move exactly as in one ordinary
-        training forward.
+        training forward. The previous ``.grad`` of the stepped parameters is released at
+        the start (it would be replaced anyway); after the step ``.grad`` holds this step's
+        gradients, and after a skipped or failed step it is ``None``.
 
         Args:
             x: input batch.
@@ -469,6 +474,13 @@ class AuxiliaryLabeler(nn.Module):
         if not self._synced and self._world() > 1:
             self.broadcast_state()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        # Release the previous gradients now (they are replaced below), as
+        # zero_grad(set_to_none=True) would: they would otherwise sit in memory all step.
+        for p in params:
+            p.grad = None
+        if do_meta:
+            for p in self.generator_parameters():
+                p.grad = None
         saved = self._snapshot_buffers()
         try:
             out = self._step(x, y, optimizer, gen_optimizer, aux_target, params, do_meta)

@@ -1,9 +1,10 @@
 """The non-finite policy of ``AuxiliaryLabeler.step``: raise or skip, and change nothing.
 
 A step with a non-finite loss or gradient must leave every parameter, every buffer
-(BatchNorm running statistics of the model and of a ``copy`` generator), every ``.grad`` and
-the state of both optimisers (momentum buffers, Adam moments and step counts) exactly as it
-was. With ``nonfinite="skip"`` the next finite step must be the step that would have been
+(BatchNorm running statistics of the model and of a ``copy`` generator) and the state of both
+optimisers (momentum buffers, Adam moments and step counts) exactly as it was. ``.grad`` is
+released at the start of every step (as ``zero_grad(set_to_none=True)`` does) and stays
+``None`` after a step that was not taken. With ``nonfinite="skip"`` the next finite step must be the step that would have been
 taken had the bad batch never been seen.
 """
 
@@ -84,12 +85,18 @@ def _batch(seed: int) -> tuple[Tensor, Tensor]:
 
 
 def _snapshot(
-    labeler: AuxiliaryLabeler, opt: torch.optim.Optimizer, gen_opt: torch.optim.Optimizer
+    labeler: AuxiliaryLabeler,
+    opt: torch.optim.Optimizer,
+    gen_opt: torch.optim.Optimizer,
+    *,
+    released: bool = False,
 ) -> dict[str, Any]:
+    """State to compare; ``released`` records ``.grad`` as the step must leave it: None."""
     return {
         "params": {k: p.detach().clone() for k, p in labeler.named_parameters()},
         "grads": {
-            k: None if p.grad is None else p.grad.clone() for k, p in labeler.named_parameters()
+            k: None if (released or p.grad is None) else p.grad.clone()
+            for k, p in labeler.named_parameters()
         },
         "buffers": {k: b.clone() for k, b in labeler.named_buffers()},
         "opt": copy.deepcopy(opt.state_dict()),
@@ -169,7 +176,7 @@ def test_raise_changes_nothing(opt_kind: str, where: str, generator: str, match:
     labeler, opt, gen_opt = _make(opt_kind, generator=generator)
     _warm_up(labeler, opt, gen_opt)
     x, y, saved = _poison(labeler, where)
-    before = _snapshot(labeler, opt, gen_opt)
+    before = _snapshot(labeler, opt, gen_opt, released=True)
     with pytest.raises(NonFiniteError, match=match):
         labeler.step(x, y, opt, gen_opt)
     _assert_equal(_snapshot(labeler, opt, gen_opt), before)
@@ -187,7 +194,7 @@ def test_skip_changes_nothing_and_training_resumes(
     _warm_up(twin, twin_opt, twin_gen_opt)
 
     x, y, saved = _poison(labeler, where)
-    before = _snapshot(labeler, opt, gen_opt)
+    before = _snapshot(labeler, opt, gen_opt, released=True)
     with caplog.at_level(logging.WARNING, logger="auxgen.labeler"):
         out = labeler.step(x, y, opt, gen_opt)
     assert out["skipped"] == 1 and out["meta_updated"] is False
@@ -209,7 +216,7 @@ def test_nonfinite_meta_gradient_both_modes(meta: str) -> None:
     labeler, opt, gen_opt = _make("sgd", generator="poisoned", meta=meta)
     _warm_up(labeler, opt, gen_opt)
     x, y, _ = _poison(labeler, "meta_gradient")
-    before = _snapshot(labeler, opt, gen_opt)
+    before = _snapshot(labeler, opt, gen_opt, released=True)
     with pytest.raises(NonFiniteError, match=NAN_META):
         labeler.step(x, y, opt, gen_opt)
     _assert_equal(_snapshot(labeler, opt, gen_opt), before)
