@@ -1,0 +1,124 @@
+"""Models for the auxgen benchmarks.
+
+* :func:`vgg16_cifar`: the VGG-16 with BatchNorm used by the MAXL paper for CIFAR (13 3x3
+  convolutions with BatchNorm + ReLU, five 2x2 max-pools, then a 512-512-C MLP) on 32x32
+  inputs.
+* :func:`tiny_cnn`: a two-convolution network for smoke tests (milliseconds per step).
+* :func:`build_model`: ``"vgg16"``, ``"tiny"``, any torchvision classification model
+  (``"resnet18"``) or any timm model (``"resnet10t"``), freshly initialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+from torch import Tensor, nn
+
+__all__ = ["VGG16_CFG", "VGGCifar", "vgg16_cifar", "tiny_cnn", "build_model"]
+
+#: Channels of VGG-16's 13 convolutions; ``"M"`` is a 2x2 max-pool.
+VGG16_CFG: tuple[Union[int, str], ...] = (
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, 256, "M",
+    512, 512, 512, "M",
+    512, 512, 512, "M",
+)  # fmt: skip
+
+
+class VGGCifar(nn.Module):
+    """VGG with BatchNorm for 32x32 inputs: ``features`` (conv stack) then ``classifier``.
+
+    Args:
+        cfg: channels per 3x3 convolution, ``"M"`` for a 2x2 max-pool; the last stage must
+            leave a 1x1 map (five pools on 32x32).
+        num_classes: number of output classes.
+        in_channels: input channels.
+        hidden: width of the two hidden layers of the classifier MLP.
+    """
+
+    def __init__(
+        self,
+        cfg: Sequence[Union[int, str]] = VGG16_CFG,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        hidden: int = 512,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                out = int(v)
+                layers += [
+                    nn.Conv2d(c, out, 3, padding=1),
+                    nn.BatchNorm2d(out),
+                    nn.ReLU(inplace=True),
+                ]
+                c = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(c, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` of a ``(N, C, 32, 32)`` batch."""
+        return self.classifier(self.features(x).flatten(1))
+
+
+def vgg16_cifar(num_classes: int = 10) -> VGGCifar:
+    """The MAXL paper's CIFAR VGG-16 with BatchNorm (about 15.2M parameters)."""
+    return VGGCifar(VGG16_CFG, num_classes)
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Sequential:
+    """A tiny conv-BN-ReLU network for smoke tests (a few thousand parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised classifier by name.
+
+    Args:
+        name: ``"vgg16"`` (:func:`vgg16_cifar`), ``"tiny"`` (:func:`tiny_cnn`), a
+            torchvision classification model (``"resnet18"``) or a timm model
+            (``"resnet10t"``); torchvision is tried first.
+        num_classes: number of output classes.
+
+    Raises:
+        ValueError: if neither torchvision nor timm knows ``name``.
+    """
+    if name == "vgg16":
+        return vgg16_cifar(num_classes)
+    if name == "tiny":
+        return tiny_cnn(num_classes)
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    import timm
+
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    raise ValueError(
+        f"unknown model {name!r}: use 'vgg16', 'tiny', a torchvision classification model or "
+        "a timm model name"
+    )
