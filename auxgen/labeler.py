@@ -512,6 +512,8 @@ class AuxiliaryLabeler(nn.Module):
 
         if aux_target is not None:
             t = self._check_aux_target(aux_target, y, z_a)
+        elif self.aux_weight == 0:  # single-task training: the labels are not used
+            t = z_a.new_zeros(z_a.shape).float()
         else:
             with torch.set_grad_enabled(do_meta):
                 t = masked_log_softmax(self._generator_logits(x, h), y, self.owner).exp()

@@ -177,6 +177,32 @@ def test_aux_target_disables_meta_and_keeps_generator():
     assert torch.isfinite(out_soft["aux_loss"])
 
 
+def test_aux_weight_zero_is_single_task_training():
+    class Counting(nn.Module):
+        calls = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 9)
+
+        def forward(self, x):
+            Counting.calls += 1
+            return self.lin(x)
+
+    model = mlp(bn=False)
+    reference = copy.deepcopy(model)
+    lab = AuxiliaryLabeler(model, psi=[2, 3, 4], aux_weight=0.0, generator=Counting())
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    x, y = batch()
+    out = lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=0.1))
+    nn.functional.cross_entropy(reference(x), y).backward()
+    ref_opt.step()
+    assert Counting.calls == 0 and not out["meta_updated"] and float(out["aux_loss"]) == 0.0
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def test_meta_every_updates_generator_on_schedule():
     lab = AuxiliaryLabeler(mlp(), psi=[2, 3, 4], meta_every=2, generator=mlp(6, 7, 9, bn=False))
     opt, gen_opt = _opts(lab)
