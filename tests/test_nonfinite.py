@@ -4,8 +4,8 @@ A step with a non-finite loss or gradient must leave every parameter, every buff
 (BatchNorm running statistics of the model and of a ``copy`` generator) and the state of both
 optimisers (momentum buffers, Adam moments and step counts) exactly as it was. ``.grad`` is
 released at the start of every step (as ``zero_grad(set_to_none=True)`` does) and stays
-``None`` after a step that was not taken. With ``nonfinite="skip"`` the next finite step must be the step that would have been
-taken had the bad batch never been seen.
+``None`` after a step that was not taken. With ``nonfinite="skip"`` the next finite step
+must be the step that would have been taken had the bad batch never been seen.
 """
 
 from __future__ import annotations
