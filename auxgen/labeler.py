@@ -71,10 +71,11 @@ class AuxiliaryLabeler(nn.Module):
         psi: auxiliary classes per primary class: one int per class, or one int for all
             (then ``num_classes`` is taken from the classifier or ``num_classes=``).
         num_classes: number of primary classes, checked against the classifier.
-        generator: ``"copy"`` (default; a freshly initialised copy of ``model``'s
-            architecture with a ``sum(psi)``-way head, as in the paper), ``"head"`` (a
-            small MLP on the model's detached features: cheap) or an ``nn.Module`` mapping
-            ``x`` to ``(N, sum(psi))`` logits.
+        generator: ``"head"`` (default; a small MLP on the model's detached features:
+            cheap, and as accurate as ``"copy"`` in our measurements, see
+            ``docs/results.md``), ``"copy"`` (a freshly initialised copy of ``model``'s
+            architecture with a ``sum(psi)``-way head, as in the paper) or an ``nn.Module``
+            mapping ``x`` to ``(N, sum(psi))`` logits.
         loss: ``"ce"`` (default; cross-entropy and soft-label cross-entropy) or ``"focal"``
             (the paper's focal loss, ``gamma=focal_gamma``).
         aux_weight: weight of the auxiliary loss in the multi-task loss.
@@ -119,7 +120,7 @@ class AuxiliaryLabeler(nn.Module):
         psi: Union[int, Sequence[int]],
         *,
         num_classes: Optional[int] = None,
-        generator: Union[str, nn.Module] = "copy",
+        generator: Union[str, nn.Module] = "head",
         loss: str = "ce",
         aux_weight: float = 1.0,
         entropy_weight: float = 0.2,

@@ -59,12 +59,16 @@ __all__ = ["CONFIGS", "TARGETS", "MAXL_ORIGINAL", "run_benchmark", "run_profile"
 
 #: Configurations: ``None`` is the plain single-task step, otherwise ``AuxiliaryLabeler``
 #: keyword arguments.
+#: The paper's same-size ``copy`` generator is named explicitly; ``head_*`` use the
+#: library's default generator (an MLP on the model's detached features).
 CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "single": None,
-    "second_order": {"meta": "second_order"},
-    "first_order": {"meta": "first_order"},
-    "second_order_every4": {"meta": "second_order", "meta_every": 4},
+    "second_order": {"meta": "second_order", "generator": "copy"},
+    "first_order": {"meta": "first_order", "generator": "copy"},
+    "second_order_every4": {"meta": "second_order", "meta_every": 4, "generator": "copy"},
     "head_second_order": {"meta": "second_order", "generator": "head"},
+    "head_first_order": {"meta": "first_order", "generator": "head"},
+    "head_second_order_every4": {"meta": "second_order", "meta_every": 4, "generator": "head"},
 }
 
 #: Time-ratio targets (MAXL step / single-task step).

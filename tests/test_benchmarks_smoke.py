@@ -10,7 +10,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step_cost.py"
-CONFIGS = ("single", "second_order", "first_order", "second_order_every4", "head_second_order")
+CONFIGS = (
+    "single",
+    "second_order",
+    "first_order",
+    "second_order_every4",
+    "head_second_order",
+    "head_first_order",
+    "head_second_order_every4",
+)
 
 
 def _positive_finite(v: object) -> bool:

@@ -99,7 +99,7 @@ def test_generate_labels_rows_and_buffers_untouched():
 @pytest.mark.parametrize("meta", ["second_order", "first_order"])
 def test_batchnorm_stats_equal_one_ordinary_forward(meta):
     model = TinyConvNet(num_classes=3)
-    lab = AuxiliaryLabeler(model, psi=[2, 2, 2], meta=meta)
+    lab = AuxiliaryLabeler(model, psi=[2, 2, 2], meta=meta, generator="copy")
     reference = copy.deepcopy(model)
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 3
     reference(x)  # one ordinary training forward at the pre-step parameters
@@ -131,14 +131,21 @@ def test_every_generator_parameter_gets_a_gradient(generator):
     assert any(not torch.equal(p, b) for p, b in zip(lab.generator_parameters(), before))
 
 
-def test_state_dict_round_trip():
-    torch.manual_seed(1)
+def test_default_generator_is_the_head():
     lab = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1])
+    assert lab.generator_kind == "head"
+    assert lab.generator[0].in_features == 4 and lab.generator[-1].out_features == 6
+
+
+@pytest.mark.parametrize("generator", ["copy", "head"])
+def test_state_dict_round_trip(generator):
+    torch.manual_seed(1)
+    lab = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1], generator=generator)
     opt, gen_opt = _opts(lab)
     x, y = torch.randn(6, 3, 8, 8), torch.arange(6) % 3
     lab.step(x, y, opt, gen_opt)
     torch.manual_seed(2)
-    other = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1])
+    other = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1], generator=generator)
     other.load_state_dict(lab.state_dict())
     lab.eval()
     other.eval()
@@ -274,7 +281,7 @@ def test_one_step_on_real_backbones(factory):
 
 def test_copy_generator_on_torchvision_resnet():
     model = torchvision.models.resnet18(num_classes=2)
-    lab = AuxiliaryLabeler(model, psi=[3, 2])
+    lab = AuxiliaryLabeler(model, psi=[3, 2], generator="copy")
     assert lab.classifier_name == "fc" and lab.generator.fc.out_features == 5
     assert lab.feature_dim == 512
     opt, gen_opt = _opts(lab, lr=0.01)
@@ -340,7 +347,7 @@ def test_explicit_classifier_and_feature_dim_on_a_custom_module():
     with pytest.raises(ValueError, match="cannot infer the feature width .* pass feature_dim="):
         AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out")
     with pytest.raises(ValueError, match="generator='copy' replaces the classifier 'out'"):
-        AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out", feature_dim=5)
+        AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out", feature_dim=5, generator="copy")
     lab = AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out", feature_dim=5, generator="head")
     opt, gen_opt = _opts(lab)
     out = lab.step(torch.randn(4, 6), torch.tensor([0, 1, 0, 1]), opt, gen_opt)
