@@ -4,7 +4,7 @@ Examples::
 
     auxgen demo                      # offline digits demo, ~45 s on 2 shared CPU cores
     auxgen demo --smoke --out /tmp/demo
-    auxgen run --dataset cifar100 --data-dir /root/data --methods single human maxl-copy \\
+    auxgen run --dataset cifar100 --data-dir ~/data --methods single human maxl-copy \\
         --seeds 0 1 --train-subset 50 --epochs 20 --out runs/cifar100
     python -m auxgen run --dataset digits --method maxl --generator head --epochs 5
 
@@ -287,9 +287,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for m in args.methods:
         check_config(dataclasses.replace(base, method=parse_method(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"
+    _init_distributed()
     result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
-    _report(result, out)
+    from .runner import is_main_process
+
+    if is_main_process():
+        _report(result, out)
     return 0
+
+
+def _init_distributed() -> None:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), if any.
+
+    ``AuxiliaryLabeler.step`` then averages gradients across ranks, the runner shards every
+    epoch across them and rank 0 writes the outputs.
+    """
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 def _one_line(e: BaseException) -> str:

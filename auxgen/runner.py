@@ -54,6 +54,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -535,6 +536,18 @@ def _prepare(x: Tensor, data: Data, device: torch.device) -> Tensor:
     return x
 
 
+def world_and_rank() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes results, checkpoints and plots."""
+    return world_and_rank()[1] == 0
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU generator whose stream depends only on ``(seed, epoch)``."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2)
@@ -544,12 +557,20 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def _batches(
     data: Data, cfg: RunConfig, epoch: int, device: torch.device
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Shuffled training batches ``(x, y, index)`` of one epoch (a lone last sample is dropped)."""
+    """Shuffled training batches ``(x, y, index)`` of one epoch (a lone last sample is dropped).
+
+    Under ``torch.distributed`` every rank draws the same permutation and takes every
+    ``world``-th index (as ``DistributedSampler`` with ``drop_last=True``), so each rank holds
+    an equal shard and ``batch_size`` is per rank.
+    """
     from .data import random_crop_flip
 
     g = _epoch_generator(cfg.seed, epoch)
-    n = data.x_train.shape[0]
-    order = torch.randperm(n, generator=g)
+    order = torch.randperm(data.x_train.shape[0], generator=g)
+    world, rank = world_and_rank()
+    if world > 1:
+        order = order[rank::world][: data.x_train.shape[0] // world]
+    n = order.numel()
     padding = 4 if data.image_shape[1] >= 16 else 1
     for start in range(0, n, cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
@@ -855,7 +876,9 @@ def _finished_results(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
+    """Atomically write ``obj`` as indented JSON (rank 0 only under torch.distributed)."""
+    if not is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     try:
@@ -969,7 +992,7 @@ def _train(
         if is_maxl
         else None
     )
-    steps = _steps_per_epoch(int(data.y_train.numel()), cfg.batch_size)
+    steps = _steps_per_epoch(int(data.y_train.numel()) // world_and_rank()[0], cfg.batch_size)
     sched = _make_scheduler(cfg, opt, cfg.epochs * steps)
     fixed = _fixed_aux_labels(cfg, data)
     if fixed is not None:
@@ -1055,7 +1078,7 @@ def _train(
             acc,
             train_time,
         )
-        if ckpt_path is not None and cfg.checkpoint:
+        if ckpt_path is not None and cfg.checkpoint and is_main_process():
             save_checkpoint(
                 ckpt_path,
                 format=_CHECKPOINT_FORMAT,
@@ -1267,7 +1290,7 @@ def run_sweep(
         "summary": rows,
         "runs": runs,
     }
-    if out is not None:
+    if out is not None and is_main_process():
         _write_json(out / RESULTS_NAME, result)
         md = [f"# {title or 'auxgen results'}", "", markdown_table(rows), ""]
         (out / "results.md").write_text("\n".join(md))

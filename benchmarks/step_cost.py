@@ -741,7 +741,6 @@ def auxgen_info() -> dict[str, Any]:
         digest.update(path.read_bytes())
     return {
         "version": getattr(auxgen, "__version__", "?"),
-        "path": str(root),
         "source_sha256": digest.hexdigest()[:16],
     }
 

@@ -5,15 +5,16 @@ cifar100``) whose defaults are the regime of ``docs/results.md``: 20 training im
 class, no augmentation, 25 epochs of one-cycle SGD, every method with the same small CNN
 (width 16).
 
-    mkdir -p /root/data && tar -xJf cifar-100-python.tar.xz -C /root/data
-    python examples/cifar100_hierarchy.py --data-dir /root/data --out runs/cifar100
-    python examples/cifar100_hierarchy.py --data-dir /root/data --smoke   # seconds
+    mkdir -p ~/data && tar -xJf cifar-100-python.tar.xz -C ~/data
+    python examples/cifar100_hierarchy.py --data-dir ~/data --out runs/cifar100
+    python examples/cifar100_hierarchy.py --data-dir ~/data --smoke   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Optional
 
 from auxgen.runner import RunConfig, format_table, run_sweep
@@ -23,7 +24,9 @@ METHODS = ["single", "human", "random", "kmeans", "maxl-copy", "maxl-head"]
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default="/root/data", help="folder with cifar-100-python/")
+    p.add_argument(
+        "--data-dir", default=os.path.expanduser("~/data"), help="folder with cifar-100-python/"
+    )
     p.add_argument("--out", default="runs/cifar100_hierarchy")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -172,3 +172,20 @@ def test_cifar100_example_smoke(tmp_path: Path, capsys) -> None:
     run = next(r for r in res["runs"] if r["label"] == "maxl-head")
     assert run["psi"] == [5] * 20 and run["num_train"] == 400
     assert len(run["aux"]["aux_fine_counts_test"]) == 100
+
+
+def test_run_under_torchrun_shards_and_writes_once(tmp_path: Path) -> None:
+    """`torchrun -m auxgen run`: two gloo ranks train in sync and rank 0 writes the outputs."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "auxgen", "run", "--dataset", "digits", "--methods", "single", "maxl"]
+    cmd += ["--seeds", "0", "--smoke", "--threads", "1", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in result["summary"]] == ["single", "maxl-copy"]
+    # both ranks end with the same parameters, hence the same test accuracy
+    finals = [line for line in proc.stderr.splitlines() if "maxl-copy seed 0: final" in line]
+    assert len(finals) == 2
+    assert finals[0].split("accuracy")[1].split()[0] == finals[1].split("accuracy")[1].split()[0]
