@@ -293,6 +293,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if is_main_process():
         _report(result, out)
+    _finish_distributed()
     return 0
 
 
@@ -314,6 +315,15 @@ def _init_distributed() -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+
+
+def _finish_distributed() -> None:
+    """Wait for every rank, then tear the process group down (no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _one_line(e: BaseException) -> str:

@@ -270,6 +270,7 @@ def train(args: argparse.Namespace) -> None:
         torch.save({"labeler": labeler.state_dict(), "args": vars(args)}, args.out)
         logger.info("saved %s", args.out)
     if is_dist():
+        dist.barrier()  # every rank reaches the end before the group is torn down
         dist.destroy_process_group()
 
 

@@ -34,7 +34,7 @@ def deterministic() -> Iterator[None]:
 def _run(seed: int, meta: str) -> dict[str, Tensor]:
     torch.manual_seed(seed)
     labeler = AuxiliaryLabeler(
-        TinyConvNet(num_classes=3, width=6, dropout=0.3), psi=[2, 3, 2], meta=meta
+        TinyConvNet(num_classes=3, width=6, dropout=0.3), psi=[2, 3, 2], meta=meta, generator="copy"
     )
     opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9, nesterov=True)
     gen_opt = torch.optim.Adam(labeler.generator_parameters(), lr=1e-2)

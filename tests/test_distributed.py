@@ -183,6 +183,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         )
         try:
             res = _scenarios(rank)
+            dist.barrier()  # both ranks finish before the group is torn down
         finally:
             dist.destroy_process_group()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
