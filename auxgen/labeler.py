@@ -234,13 +234,26 @@ class AuxiliaryLabeler(nn.Module):
                 "be a separate network (use generator='head' to build on the model's features)"
             )
         self._features: Optional[Tensor] = None
+        self._listening = False
         self._hook = cls_module.register_forward_hook(self._capture)
         self._steps = 0
         self._synced = False
 
     # ------------------------------------------------------------------ wiring
     def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        self._features = inputs[0]
+        # Only while the labeler runs the model itself: a user's own model(x) call must not
+        # leave its features (and their autograd graph) referenced here.
+        if self._listening:
+            self._features = inputs[0]
+
+    def _features_of(self, run: Any) -> tuple[Any, Tensor]:
+        """Run ``run()`` (a forward of the model) and return its output and the features."""
+        self._listening, self._features = True, None
+        try:
+            out = run()
+        finally:
+            self._listening = False
+        return out, self._take_features()
 
     def _take_features(self) -> Tensor:
         h = self._features
@@ -269,20 +282,17 @@ class AuxiliaryLabeler(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Primary logits: exactly ``self.model(x)``."""
-        out = self.model(x)
-        self._features = None
-        return out
+        return self.model(x)
 
     def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Primary and auxiliary logits from one forward of the model."""
-        z_p = self.model(x)
-        return z_p, self.aux_head(self._take_features())
+        z_p, h = self._features_of(lambda: self.model(x))
+        return z_p, self.aux_head(h)
 
     def _generator_logits(self, x: Tensor, h: Optional[Tensor]) -> Tensor:
         if self.generator_kind == "head":
             if h is None:
-                self.model(x)
-                h = self._take_features()
+                _, h = self._features_of(lambda: self.model(x))
             logits = self.generator(h.detach())
         else:
             logits = self.generator(x)
@@ -457,7 +467,11 @@ class AuxiliaryLabeler(nn.Module):
         """
         x, y = self._check_batch(x, y)
         check_optimizer(
-            optimizer, self.model_parameters(), argname="optimizer", owner="model_parameters()"
+            optimizer,
+            self.model_parameters(),
+            argname="optimizer",
+            owner="model_parameters()",
+            mirrored=True,
         )
         if gen_optimizer is not None:
             check_optimizer(
@@ -465,6 +479,7 @@ class AuxiliaryLabeler(nn.Module):
                 self.generator_parameters(),
                 argname="gen_optimizer",
                 owner="generator_parameters()",
+                mirrored=False,
             )
         do_meta = (
             gen_optimizer is not None
@@ -506,8 +521,7 @@ class AuxiliaryLabeler(nn.Module):
     ) -> dict[str, Any]:
         n = x.shape[0]
         rng = RNGState(x.device) if do_meta else None
-        z_p = self.model(x)
-        h = self._take_features()
+        z_p, h = self._features_of(lambda: self.model(x))
         z_a = self.aux_head(h)
         gen_params = self.generator_parameters()
 
@@ -576,17 +590,16 @@ class AuxiliaryLabeler(nn.Module):
         moving = [params[i] for i in idx]
         keys = [names[id(p)] for p in moving]
 
+        def run_at(values: list[Tensor]) -> Tensor:
+            state = {**dict(zip(keys, values)), **self._model_buffers()}
+            return functional_call(self.model, state, (x,))
+
         def primary_loss_at(values: list[Tensor]) -> Tensor:
-            z = functional_call(
-                self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,)
-            )
-            self._features = None
-            return primary_loss(z, y, self.loss, self.focal_gamma)
+            return primary_loss(run_at(values), y, self.loss, self.focal_gamma)
 
         def loss_matrix_at(values: list[Tensor]) -> Tensor:
-            functional_call(self.model, {**dict(zip(keys, values)), **self._model_buffers()}, (x,))
-            z_a = _widen(self.aux_head(self._take_features()))
-            return per_class_loss(z_a, self.loss, self.focal_gamma)
+            _, h = self._features_of(lambda: run_at(values))
+            return per_class_loss(_widen(self.aux_head(h)), self.loss, self.focal_gamma)
 
         if moving:
             u, lp_plus = lookahead_direction(

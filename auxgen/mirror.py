@@ -49,7 +49,9 @@ def _kind(optimizer: torch.optim.Optimizer) -> str:
     )
 
 
-def check_optimizer(optimizer: Any, allowed: Iterable[Tensor], *, argname: str, owner: str) -> None:
+def check_optimizer(
+    optimizer: Any, allowed: Iterable[Tensor], *, argname: str, owner: str, mirrored: bool
+) -> None:
     """Check that ``optimizer`` is supported and only holds parameters from ``allowed``.
 
     Args:
@@ -57,6 +59,8 @@ def check_optimizer(optimizer: Any, allowed: Iterable[Tensor], *, argname: str, 
         allowed: parameters the optimiser may hold.
         argname: argument name used in error messages (``"optimizer"``).
         owner: what ``allowed`` is, for error messages (``"model_parameters()"``).
+        mirrored: whether :func:`lookahead` must mirror it (then only the supported
+            optimisers and options are accepted; any ``torch.optim`` optimiser otherwise).
 
     Raises:
         TypeError: if it is not a supported ``torch.optim`` optimiser.
@@ -66,7 +70,7 @@ def check_optimizer(optimizer: Any, allowed: Iterable[Tensor], *, argname: str, 
         raise TypeError(
             f"{argname} must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    kind = _kind(optimizer) if argname == "optimizer" else None
+    kind = _kind(optimizer) if mirrored else None
     allowed_ids = {id(p) for p in allowed}
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:

@@ -82,6 +82,13 @@ def test_forward_is_model_forward_and_features_feed_aux_head():
     assert lab.classifier_name == "head"
 
 
+def test_users_own_forward_is_not_captured():
+    model = TinyConvNet(num_classes=3)
+    lab = AuxiliaryLabeler(model, psi=[2, 3, 1])
+    model(torch.randn(2, 3, 8, 8))  # e.g. the user's evaluation outside the labeler
+    assert lab._features is None  # no features (nor their graph) kept alive
+
+
 def test_generate_labels_rows_and_buffers_untouched():
     model = TinyConvNet(num_classes=3)
     lab = AuxiliaryLabeler(model, psi=[2, 3, 1], generator="head")
@@ -396,3 +403,10 @@ def test_generator_with_wrong_output_shape():
     opt, gen_opt = _opts(lab)
     with pytest.raises(ValueError, match=r"generator must return .* \(12, 9\) logits, got shape"):
         lab.step(*batch(), opt, gen_opt)
+
+
+def test_generator_optimizer_may_be_any_torch_optimizer():
+    lab = AuxiliaryLabeler(mlp(), psi=[2, 3, 4])
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    gen_opt = torch.optim.RMSprop(lab.generator_parameters(), lr=1e-3)  # not mirrored
+    assert lab.step(*batch(), opt, gen_opt)["meta_updated"]
