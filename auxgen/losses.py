@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "per_class_loss", "primary_loss", "aux_loss", "neg_entropy"]
+__all__ = ["LOSSES", "per_class_loss", "primary_loss", "neg_entropy"]
 
 LOSSES = ("ce", "focal")
 
@@ -36,11 +36,6 @@ def primary_loss(logits: Tensor, y: Tensor, kind: str = "ce", gamma: float = 2.0
     if kind == "ce":
         return F.cross_entropy(logits, y)
     return per_class_loss(logits, kind, gamma).gather(1, y.unsqueeze(1)).mean()
-
-
-def aux_loss(logits: Tensor, target: Tensor, kind: str = "ce", gamma: float = 2.0) -> Tensor:
-    """Mean over the batch of ``sum_k t_k * ell_k``: soft-label cross-entropy (or focal)."""
-    return (per_class_loss(logits, kind, gamma) * target).sum(1).mean()
 
 
 def neg_entropy(t: Tensor) -> Tensor:

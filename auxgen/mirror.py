@@ -84,6 +84,11 @@ def check_optimizer(
             raise ValueError(f"{argname}: Adam(amsgrad=True) is not supported, got amsgrad=True")
 
 
+def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    """``id(param) -> its param group``."""
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
 def _f(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -161,12 +166,9 @@ def lookahead(
         [0.5, 1.5]
     """
     kind = _kind(optimizer)
-    where = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            where[id(p)] = group
+    where = _groups_by_param(optimizer)
     out: list[Optional[Tensor]] = list(thetas)
-    adam_batches: dict[int, list[int]] = {}
+    adam_batches: dict[int, list[tuple[int, Tensor]]] = {}
     for i, (p, th, g) in enumerate(zip(params, thetas, grads)):
         if g is None:
             continue
@@ -176,17 +178,17 @@ def lookahead(
         if kind == "sgd":
             out[i] = _sgd(group, optimizer.state, p, th, g)
         else:
-            adam_batches.setdefault(id(group), []).append(i)
-    for idx in adam_batches.values():
+            adam_batches.setdefault(id(group), []).append((i, g))
+    for batch in adam_batches.values():
+        idx = [i for i, _ in batch]
         group = where[id(params[idx[0]])]
         decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
-        gs = [-grads[i] if group.get("maximize", False) else grads[i] for i in idx]  # type: ignore[operator]
         new = _adam(
             group,
             optimizer.state,
             [params[i] for i in idx],
             [thetas[i] for i in idx],
-            gs,
+            [g for _, g in batch],
             decoupled,
         )
         for i, t in zip(idx, new):
@@ -212,7 +214,7 @@ def sgd_jacobian(
     """
     if _kind(optimizer) != "sgd":
         return None
-    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    where = _groups_by_param(optimizer)
     out = []
     for p in params:
         group = where[id(p)]
