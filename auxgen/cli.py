@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, Union
 
 from .labeler import NonFiniteError
 
@@ -56,6 +56,30 @@ def _subset(text: str) -> Optional[int]:
     return _positive_int(text)
 
 
+def _subset_or_fraction(text: str) -> Union[int, float, None]:
+    """``25`` (images per fine class), ``5%`` or ``0.05`` (a fraction of each), or ``all``."""
+    t = text.strip()
+    if t.endswith("%") or "." in t:
+        try:
+            v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a count, a percentage such as 5% or a fraction such as 0.05, got "
+                f"{text!r}"
+            ) from None
+        if not 0.0 < v < 1.0:
+            raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+        return v
+    return _subset(t)
+
+
+def _fraction(text: str) -> float:
+    v = _float(text)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return v
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -75,7 +99,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``auxgen`` command."""
-    from .runner import DATASETS, GENERATORS, META_MODES, OPTIMIZERS, SCHEDULES
+    from .runner import DATASETS, GENERATORS, META_MODES, META_SOURCES, OPTIMIZERS, SCHEDULES
 
     parser = _Parser(
         prog="auxgen",
@@ -129,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="methods",
         nargs="+",
         default=["maxl"],
-        help="single, human, random, kmeans, maxl, maxl-copy, maxl-head (several allowed)",
+        help="single, human, random, kmeans, maxl, maxl-copy, maxl-head, or "
+        "maxl-<generator>-<meta source> such as maxl-head-next (several allowed)",
     )
     g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0])
     g.add_argument(
@@ -141,7 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="folder with cifar-100-python/ etc.")
     g.add_argument("--download", action="store_true", help="download CIFAR if missing")
     g.add_argument(
-        "--train-subset", type=_subset, default=None, help="training images per fine class"
+        "--train-subset",
+        type=_subset_or_fraction,
+        default=None,
+        help="training images per fine class (25), or a fraction of each (5%% or 0.05)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.0,
+        help="fraction of the training subset carved out for validation (per-epoch curves "
+        "and the choice of settings use it; the test set is then evaluated once, at the end)",
     )
     g.add_argument("--test-limit", type=_positive_int, default=None)
     g.add_argument(
@@ -153,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--data-seed", type=int, default=0, help="seed of the training subset")
     g = run.add_argument_group("model and optimisation")
-    g.add_argument("--backbone", default="cnn", help="cnn, a timm or torchvision:NAME model")
+    g.add_argument("--backbone", default="cnn", help="cnn, mlp, a timm or torchvision:NAME model")
     g.add_argument("--width", type=_positive_int, default=32, help="width of the cnn backbone")
     g.add_argument("--epochs", type=_positive_int, default=10)
     g.add_argument("--batch-size", type=_positive_int, default=64)
@@ -169,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-weight-decay", type=_float, default=5e-4)
     g.add_argument("--meta", choices=META_MODES, default="second_order")
     g.add_argument("--meta-every", type=_positive_int, default=1)
+    g.add_argument(
+        "--meta-source",
+        choices=META_SOURCES,
+        default="train",
+        help="meta loss on the batch just trained on (train, the paper), the next batch, "
+        "or a held-out meta split (heldout)",
+    )
+    g.add_argument(
+        "--meta-fraction",
+        type=_fraction,
+        default=0.1,
+        help="fraction of the training images held out for --meta-source heldout (0.1)",
+    )
     g.add_argument("--entropy-weight", type=_float, default=0.2)
     g = run.add_argument_group("execution")
     g.add_argument("--out", default=None, help="output folder (default: runs/<dataset>)")
@@ -240,7 +288,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, check_backbone, check_config, parse_method, run_sweep
+    from .runner import RunConfig, check_backbone, check_config, parse_variant, run_sweep
 
     check_backbone(args.backbone)
     data_dir = args.data_dir
@@ -267,10 +315,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         generator=args.generator,
         meta=args.meta,
         meta_every=args.meta_every,
+        meta_source=args.meta_source,
+        meta_fraction=args.meta_fraction,
         aux_weight=args.aux_weight,
         entropy_weight=args.entropy_weight,
         data_seed=args.data_seed,
         train_subset=args.train_subset,
+        val_fraction=args.val_fraction,
         test_limit=args.test_limit,
         eval_subset=args.eval_subset,
         augment=args.augment,
@@ -285,7 +336,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         smoke=args.smoke,
     )
     for m in args.methods:
-        check_config(dataclasses.replace(base, method=parse_method(m)[0]))
+        check_config(dataclasses.replace(base, method=parse_variant(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"
     _init_distributed()
     result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")

@@ -67,6 +67,13 @@ __all__ = [
     "hierarchy_aux_names",
     "load_cifar100",
     "load_cifar10",
+    "MNIST_PRIMARY",
+    "FASHION_CLASSES",
+    "FASHION_PRIMARY",
+    "FASHION_PRIMARY_NAMES",
+    "GREY_STATS",
+    "grouping_psi",
+    "load_mnist",
     "random_crop_flip",
     "TensorImageDataset",
 ]
@@ -423,6 +430,93 @@ def load_digits_hierarchy(test_fraction: float = 0.3, seed: int = 0) -> Hierarch
         fine_train=fine_train,
         fine_test=fine_test,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST: coarse primary tasks over the 10 classes
+# --------------------------------------------------------------------------------------------
+
+#: MNIST primary task: ``digit >= 5`` (entry ``d`` is the primary class of digit ``d``); the
+#: human auxiliary task is the digit itself, ``psi = (5, 5)``.
+MNIST_PRIMARY: tuple[int, ...] = (0, 0, 0, 0, 0, 1, 1, 1, 1, 1)
+
+#: The 10 Fashion-MNIST class names, in label order.
+FASHION_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+#: Fashion-MNIST primary task: four garment groups (entry ``c`` is the group of class ``c``).
+#: Tops are worn on the upper body (T-shirt/top, pullover, coat, shirt); trousers and dresses
+#: are the garments that cover the legs; sandals, sneakers and ankle boots are footwear; bags
+#: are the only accessory. Each group is visually coherent (silhouette) while its members are
+#: the classes that single-task Fashion-MNIST models confuse most (shirt / T-shirt / pullover /
+#: coat), so the 10 classes are a natural finer auxiliary task. ``psi = (4, 2, 3, 1)``.
+FASHION_PRIMARY: tuple[int, ...] = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2)
+FASHION_PRIMARY_NAMES: tuple[str, ...] = ("tops", "trousers_and_dresses", "footwear", "bags")
+
+#: Per-dataset ``(mean, std)`` of the training pixels scaled to [0, 1].
+GREY_STATS: dict[str, tuple[tuple[float], tuple[float]]] = {
+    "MNIST": ((0.1307,), (0.3081,)),
+    "FashionMNIST": ((0.2860,), (0.3530,)),
+}
+
+
+def grouping_psi(fine_to_primary: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``psi`` and the fine -> auxiliary-class map of a two-level grouping.
+
+    Primary class ``i`` owns one auxiliary class per fine class in it, in fine-label order,
+    laid out as :mod:`auxgen.hierarchy` expects (consecutive blocks).
+
+    Example:
+        >>> grouping_psi(FASHION_PRIMARY)
+        ((4, 2, 3, 1), (0, 4, 1, 5, 2, 6, 3, 7, 9, 8))
+    """
+    groups = sorted(set(int(g) for g in fine_to_primary))
+    if groups != list(range(len(groups))):
+        raise ValueError(f"primary classes must be 0..k-1, got {groups}")
+    members = [[f for f, g in enumerate(fine_to_primary) if g == i] for i in groups]
+    psi = tuple(len(m) for m in members)
+    offsets = psi_offsets(psi)
+    table = [0] * len(fine_to_primary)
+    for i, m in enumerate(members):
+        for j, f in enumerate(m):
+            table[f] = offsets[i] + j
+    return psi, tuple(table)
+
+
+def load_mnist(
+    data_dir: PathLike, name: str, train: bool, download: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Load MNIST or Fashion-MNIST with ``torchvision.datasets`` (its on-disk layout).
+
+    Args:
+        data_dir: folder that contains (or will contain) ``MNIST/raw`` or
+            ``FashionMNIST/raw`` (the uncompressed IDX files).
+        name: ``"MNIST"`` or ``"FashionMNIST"``.
+        train: the 60000 training images if True, else the 10000 test images.
+        download: fetch the dataset with torchvision if it is missing.
+
+    Returns:
+        ``(images, labels)``: ``(N, 1, 28, 28)`` uint8 and ``(N,)`` int64.
+
+    Raises:
+        FileNotFoundError: if the files are missing and ``download`` is False.
+    """
+    from torchvision import datasets
+
+    if name not in GREY_STATS:
+        raise ValueError(f"name must be one of {tuple(GREY_STATS)}, got {name!r}")
+    root = _as_root(data_dir)
+    try:
+        ds = getattr(datasets, name)(root=str(root), train=train, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True"
+        raise FileNotFoundError(
+            f"{name} {'train' if train else 'test'} data not found under {root / name}: {e}; "
+            f"pass --download or point --data-dir at a folder containing {name}/raw/"
+        ) from None
+    images = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
+    return images, ds.targets.to(torch.int64)
 
 
 # --------------------------------------------------------------------------------------------

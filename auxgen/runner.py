@@ -68,11 +68,13 @@ __all__ = [
     "RunConfig",
     "Data",
     "SmallCNN",
+    "MLP",
     "load_data",
     "check_config",
     "check_backbone",
     "build_model",
     "parse_method",
+    "parse_variant",
     "train",
     "run_sweep",
     "run_demo",
@@ -84,13 +86,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl")
-DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10", "mnist", "fashionmnist")
 GENERATORS: tuple[str, ...] = ("copy", "head")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
 META_MODES: tuple[str, ...] = ("second_order", "first_order")
+#: Where ``maxl``'s meta loss is measured: the batch just trained on (the paper), the next
+#: training batch, or a batch of a held-out meta split (AuxiLearn-style).
+META_SOURCES: tuple[str, ...] = ("train", "next", "heldout")
 #: Backbones defined here; anything else is looked up in timm, then torchvision.
-BUILTIN_BACKBONES: tuple[str, ...] = ("cnn",)
+BUILTIN_BACKBONES: tuple[str, ...] = ("cnn", "mlp")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RESULTS_NAME = "results.json"
@@ -116,11 +121,15 @@ class RunConfig:
     """Everything that defines one training run.
 
     Attributes:
-        dataset: ``"digits"``, ``"cifar100"`` or ``"cifar10"``.
+        dataset: ``"digits"``, ``"cifar100"``, ``"cifar10"``, ``"mnist"`` (primary: digit
+            >= 5, human aux: the digit) or ``"fashionmnist"`` (primary: tops / trousers and
+            dresses / footwear / bags, human aux: the 10 classes; see
+            :data:`auxgen.data.FASHION_PRIMARY`).
         method: ``"single"``, ``"human"``, ``"random"``, ``"kmeans"`` or ``"maxl"``.
-        backbone: ``"cnn"`` (:class:`SmallCNN`), a timm model name (``"resnet18"``,
+        backbone: ``"cnn"`` (:class:`SmallCNN`), ``"mlp"`` (:class:`MLP`), a timm model name
+            (``"resnet18"``,
             ``"timm:NAME"``) or a torchvision one (``"torchvision:NAME"``); created untrained.
-        width: base width of the ``cnn`` backbone.
+        width: base width of the ``cnn`` backbone; hidden units of the ``mlp``.
         primary_level: CIFAR-100: number of primary classes, one of 3, 10, 20 (default 20);
             digits: 2; CIFAR-10: 10.
         aux_level: CIFAR-100: the finer level that defines ``psi`` and the human task
@@ -141,13 +150,26 @@ class RunConfig:
         generator: ``"copy"`` or ``"head"`` (``maxl`` only).
         meta: ``"second_order"`` or ``"first_order"`` meta-gradient (``maxl`` only).
         meta_every: update the generator every ``meta_every`` steps (``maxl`` only).
+        meta_source: where ``maxl``'s meta loss is measured: ``"train"`` (the batch just
+            trained on, as in the paper), ``"next"`` (the next training batch of the epoch;
+            the last batch uses the first) or ``"heldout"`` (a random batch of a held-out
+            meta split of ``meta_fraction`` of the training images, which the primary task
+            never trains on, as in AuxiLearn).
+        meta_fraction: fraction of each fine class's training images held out as the meta
+            split (``maxl`` with ``meta_source="heldout"`` only: that run trains on fewer
+            images than the other methods, the price of its held-out meta loss).
         aux_weight: weight of the auxiliary loss (ignored by ``single``, which uses 0).
         entropy_weight: weight of MAXL's anti-collapse entropy term.
         seed: seed of the initialisation, batch order, augmentation and random labels.
         data_seed: seed of the training subset (kept fixed across seeds by default, so every
             seed and method sees the same images) and of the digits split.
         train_subset: training images per *fine* class (digit, CIFAR-100 fine class,
-            CIFAR-10 class); ``None`` uses the whole training set.
+            CIFAR-10 class): an int count, or a float in (0, 1) for that fraction of each
+            fine class (``0.05`` = 5%); ``None`` uses the whole training set.
+        val_fraction: fraction of each fine class of the training subset carved out as a
+            validation split (seeded by ``data_seed``; not trained on). With a validation
+            split, the per-epoch curve is the validation accuracy and the test set is
+            evaluated once, at the end: settings are chosen on validation accuracy.
         test_limit: evaluate on the first ``test_limit`` test images only (``None``: all).
         eval_subset: per-epoch evaluation uses this many test images (a fixed random
             subset); the final accuracy always uses the whole (``test_limit``) test set.
@@ -188,11 +210,14 @@ class RunConfig:
     generator: str = "copy"
     meta: str = "second_order"
     meta_every: int = 1
+    meta_source: str = "train"
+    meta_fraction: float = 0.1
     aux_weight: float = 1.0
     entropy_weight: float = 0.2
     seed: int = 0
     data_seed: int = 0
-    train_subset: Optional[int] = None
+    train_subset: Optional[Union[int, float]] = None
+    val_fraction: float = 0.0
     test_limit: Optional[int] = None
     eval_subset: Optional[int] = None
     augment: bool = False
@@ -209,8 +234,12 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """Display name: the method, with the generator for ``maxl`` (``"maxl-copy"``)."""
-        return f"maxl-{self.generator}" if self.method == "maxl" else self.method
+        """Display name: the method, with the generator for ``maxl`` (``"maxl-copy"``) and
+        the meta source when it is not the paper's (``"maxl-head-next"``)."""
+        if self.method != "maxl":
+            return self.method
+        src = "" if self.meta_source == "train" else f"-{self.meta_source}"
+        return f"maxl-{self.generator}{src}"
 
     def validate(self) -> RunConfig:
         """Check the fields' values (not the data); return ``self``.
@@ -225,6 +254,7 @@ class RunConfig:
             "optimizer": OPTIMIZERS,
             "schedule": SCHEDULES,
             "meta": META_MODES,
+            "meta_source": META_SOURCES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -234,7 +264,24 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("train_subset", "test_limit", "eval_subset", "threads"):
+        ts = self.train_subset
+        if isinstance(ts, float) and not (0.0 < ts < 1.0):
+            raise ValueError(
+                f"train_subset must be a positive int (images per fine class) or a fraction "
+                f"in (0, 1), got {ts!r}"
+            )
+        for name, hi in (("val_fraction", 0.9), ("meta_fraction", 0.9)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi:
+                raise ValueError(f"{name} must be a fraction in [0, {hi}], got {v!r}")
+        if self.meta_source == "heldout" and self.meta_fraction <= 0:
+            raise ValueError("meta_source='heldout' needs meta_fraction > 0, got 0")
+        for name in (
+            "test_limit",
+            "eval_subset",
+            "threads",
+            *(() if isinstance(ts, float) else ("train_subset",)),
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
@@ -259,7 +306,7 @@ class RunConfig:
         return dataclasses.replace(
             self,
             epochs=1,
-            train_subset=min(self.train_subset or 4, 4),
+            train_subset=min(self.train_subset, 4) if isinstance(self.train_subset, int) else 4,
             test_limit=min(self.test_limit or 256, 256),
             eval_subset=None,
         )
@@ -270,6 +317,23 @@ class RunConfig:
         if isinstance(d["psi"], tuple):
             d["psi"] = list(d["psi"])
         return d
+
+
+def parse_variant(spec: str) -> tuple[str, Optional[str], Optional[str]]:
+    """Split a method name into ``(method, generator, meta_source)``.
+
+    ``maxl-<generator>-<meta source>`` (e.g. ``maxl-head-heldout``) also names the meta
+    source; parts not named are ``None``.
+
+    Example:
+        >>> parse_variant("maxl-copy-next"), parse_variant("maxl-head")
+        (('maxl', 'copy', 'next'), ('maxl', 'head', None))
+    """
+    head, _, src = spec.partition("-")
+    gen, _, src = src.partition("-")
+    if head == "maxl" and gen in GENERATORS and src in META_SOURCES:
+        return "maxl", gen, src
+    return (*parse_method(spec), None)
 
 
 def parse_method(spec: str) -> tuple[str, Optional[str]]:
@@ -287,7 +351,7 @@ def parse_method(spec: str) -> tuple[str, Optional[str]]:
     head, _, gen = spec.partition("-")
     if head == "maxl" and gen in GENERATORS:
         return "maxl", gen
-    allowed = [*METHODS, *(f"maxl-{g}" for g in GENERATORS)]
+    allowed = [*METHODS, *(f"maxl-{g}" for g in GENERATORS), "maxl-<generator>-<meta source>"]
     raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(allowed)}")
 
 
@@ -314,6 +378,8 @@ class Data:
         mean / std: per-channel normalisation (``None`` when already standardised).
         flip: whether horizontal flips are a valid augmentation.
         has_hierarchy: whether ``fine`` labels are finer than the primary ones.
+        x_val / y_val / fine_val: the validation split (``None`` without one).
+        x_meta / y_meta: the held-out meta split (``None`` without one).
     """
 
     x_train: Tensor
@@ -330,6 +396,11 @@ class Data:
     std: Optional[tuple[float, ...]] = None
     flip: bool = True
     has_hierarchy: bool = True
+    x_val: Optional[Tensor] = None
+    y_val: Optional[Tensor] = None
+    fine_val: Optional[Tensor] = None
+    x_meta: Optional[Tensor] = None
+    y_meta: Optional[Tensor] = None
 
     @property
     def num_classes(self) -> int:
@@ -362,8 +433,11 @@ def _normalise_psi(psi: Any, num_classes: int, what: str) -> tuple[int, ...]:
     return values
 
 
-def _subset_indices(fine: Tensor, per_class: Optional[int], seed: int) -> Tensor:
-    """The first ``per_class`` samples of each fine class in a seeded random order (sorted)."""
+def _subset_indices(fine: Tensor, per_class: Union[int, float, None], seed: int) -> Tensor:
+    """The first ``per_class`` samples of each fine class in a seeded random order (sorted).
+
+    A float ``per_class`` is a fraction of each class (rounded, at least one sample).
+    """
     if per_class is None:
         return torch.arange(fine.numel())
     g = torch.Generator().manual_seed(int(seed))
@@ -371,8 +445,28 @@ def _subset_indices(fine: Tensor, per_class: Optional[int], seed: int) -> Tensor
     keep = []
     for c in torch.unique(fine).tolist():
         members = order[fine[order] == c]
-        keep.append(members[:per_class])
+        k = per_class if isinstance(per_class, int) else max(1, round(per_class * len(members)))
+        keep.append(members[:k])
     return torch.sort(torch.cat(keep)).values
+
+
+def _carve(fine: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices ``(kept, carved)``: ``fraction`` of each fine class is carved out.
+
+    Stratified and seeded; each class keeps at least one sample and, when ``fraction > 0``
+    and the class has two or more samples, gives at least one.
+    """
+    if fraction <= 0:
+        return torch.arange(fine.numel()), torch.zeros(0, dtype=torch.int64)
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(fine.numel(), generator=g)
+    kept, carved = [], []
+    for c in torch.unique(fine).tolist():
+        members = order[fine[order] == c]
+        k = min(max(1, round(fraction * len(members))), len(members) - 1)
+        carved.append(members[:k])
+        kept.append(members[k:])
+    return torch.sort(torch.cat(kept)).values, torch.sort(torch.cat(carved)).values
 
 
 def _task(cfg: RunConfig) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
@@ -403,6 +497,22 @@ def _task(cfg: RunConfig) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
             )
         psi_h, table = hierarchy_psi(primary, aux_level)
         psi = psi_h if cfg.psi is None else _normalise_psi(cfg.psi, primary, "CIFAR-100")
+    elif cfg.dataset in ("mnist", "fashionmnist"):
+        from .data import FASHION_PRIMARY, MNIST_PRIMARY, grouping_psi
+
+        name = "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST"
+        groups = MNIST_PRIMARY if cfg.dataset == "mnist" else FASHION_PRIMARY
+        k = len(set(groups))
+        if cfg.primary_level not in (None, k):
+            raise ValueError(
+                f"{name} has {k} primary classes, got primary_level={cfg.primary_level}"
+            )
+        if cfg.aux_level not in (None, 10):
+            raise ValueError(
+                f"{name}'s human auxiliary task has 10 classes, got aux_level={cfg.aux_level}"
+            )
+        psi_h, table = grouping_psi(groups)
+        psi = psi_h if cfg.psi is None else _normalise_psi(cfg.psi, k, name)
     else:  # cifar10
         if cfg.primary_level not in (None, 10):
             raise ValueError(
@@ -484,6 +594,29 @@ def load_data(config: RunConfig) -> Data:
             mean=D.CIFAR100_MEAN,
             std=D.CIFAR100_STD,
         )
+    elif cfg.dataset in ("mnist", "fashionmnist"):
+        name = "MNIST" if cfg.dataset == "mnist" else "FashionMNIST"
+        groups = torch.tensor(D.MNIST_PRIMARY if cfg.dataset == "mnist" else D.FASHION_PRIMARY)
+        x_tr, f_tr = D.load_mnist(cfg.data_dir, name, train=True, download=cfg.download)
+        x_te, f_te = D.load_mnist(cfg.data_dir, name, train=False, download=cfg.download)
+        mean, std = D.GREY_STATS[name]
+        data = Data(
+            x_train=x_tr,
+            y_train=groups[f_tr],
+            fine_train=f_tr,
+            x_test=x_te,
+            y_test=groups[f_te],
+            fine_test=f_te,
+            psi=psi,
+            human_aux=human,
+            class_names=("0-4", "5-9") if cfg.dataset == "mnist" else D.FASHION_PRIMARY_NAMES,
+            fine_names=tuple(str(d) for d in range(10))
+            if cfg.dataset == "mnist"
+            else D.FASHION_CLASSES,
+            mean=mean,
+            std=std,
+            flip=cfg.dataset == "fashionmnist",
+        )
     else:  # cifar10
         x_tr, y_tr = D.load_cifar10(cfg.data_dir, train=True, download=cfg.download)
         x_te, y_te = D.load_cifar10(cfg.data_dir, train=False, download=cfg.download)
@@ -506,6 +639,24 @@ def load_data(config: RunConfig) -> Data:
     if keep.numel() != data.x_train.shape[0]:
         data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
         data.fine_train = data.fine_train[keep]
+    # Validation, then meta split, carved from the training subset (seeded by data_seed, so
+    # every method and seed trains on the same images).
+    keep, val = _carve(data.fine_train, cfg.val_fraction, cfg.data_seed + 1)
+    if val.numel():
+        data.x_val, data.y_val, data.fine_val = (
+            data.x_train[val],
+            data.y_train[val],
+            data.fine_train[val],
+        )
+        data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
+        data.fine_train = data.fine_train[keep]
+    heldout = cfg.method == "maxl" and cfg.meta_source == "heldout"
+    meta_fraction = cfg.meta_fraction if heldout else 0.0
+    keep, held = _carve(data.fine_train, meta_fraction, cfg.data_seed + 2)
+    if held.numel():
+        data.x_meta, data.y_meta = data.x_train[held], data.y_train[held]
+        data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
+        data.fine_train = data.fine_train[keep]
     if cfg.test_limit is not None:
         n = min(cfg.test_limit, data.x_test.shape[0])
         data.x_test, data.y_test, data.fine_test = (
@@ -514,9 +665,11 @@ def load_data(config: RunConfig) -> Data:
             data.fine_test[:n],
         )
     logger.info(
-        "%s: %d train / %d test images, %d primary classes, psi=%s",
+        "%s: %d train / %d val / %d meta / %d test images, %d primary classes, psi=%s",
         cfg.dataset,
         data.x_train.shape[0],
+        0 if data.x_val is None else data.x_val.shape[0],
+        0 if data.x_meta is None else data.x_meta.shape[0],
         data.x_test.shape[0],
         data.num_classes,
         list(data.psi) if len(set(data.psi)) > 1 else f"{data.psi[0]} x {len(data.psi)}",
@@ -582,6 +735,44 @@ def _batches(
         yield _prepare(x, data, device), data.y_train[idx].to(device), idx
 
 
+def _with_meta_batches(
+    batches: Iterator[tuple[Tensor, Tensor, Tensor]],
+    data: Data,
+    cfg: RunConfig,
+    epoch: int,
+    device: torch.device,
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]]:
+    """Attach the meta batch of ``cfg.meta_source`` to each training batch.
+
+    ``"train"``: ``None`` (the meta loss uses the batch itself). ``"next"``: the next batch
+    of the epoch (the last batch gets the first). ``"heldout"``: ``batch_size`` images drawn
+    without replacement from the held-out meta split, from a stream that depends only on
+    ``(seed, epoch)`` (so resuming is exact).
+    """
+    if cfg.method != "maxl" or cfg.meta_source == "train":
+        for x, y, idx in batches:
+            yield x, y, idx, None
+        return
+    if cfg.meta_source == "heldout":
+        assert data.x_meta is not None and data.y_meta is not None
+        g = _epoch_generator(cfg.seed + 0x5EED, epoch)
+        n_meta = data.x_meta.shape[0]
+        for x, y, idx in batches:
+            pick = torch.randperm(n_meta, generator=g)[: min(cfg.batch_size, n_meta)]
+            meta = (_prepare(data.x_meta[pick], data, device), data.y_meta[pick].to(device))
+            yield x, y, idx, meta
+        return
+    first = prev = None
+    for batch in batches:
+        if prev is not None:
+            yield (*prev, (batch[0], batch[1]))
+        else:
+            first = batch
+        prev = batch
+    if prev is not None and first is not None:
+        yield (*prev, (first[0], first[1]))
+
+
 def _steps_per_epoch(n: int, batch_size: int) -> int:
     full, rest = divmod(n, batch_size)
     return full + (1 if rest >= 2 else 0)
@@ -637,12 +828,42 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+class MLP(nn.Module):
+    """A two-hidden-layer perceptron on flattened images: (Linear-BN-ReLU) x 2, then ``fc``.
+
+    Over-parameterised for small image datasets (``width=512`` on 28x28 images: 0.67M
+    parameters), so it fits a few thousand training images perfectly within a few epochs:
+    the over-fitting regime where an auxiliary task can act as a regulariser. Cheap enough
+    to run every method with several seeds on a CPU.
+
+    Example:
+        >>> MLP(784, 4, width=32)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, in_features: int, num_classes: int, width: int = 512) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, width, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+        )
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
 def _backbone_source(name: str) -> tuple[str, str]:
     """``(source, model_name)`` with source in cnn / timm / torchvision; raises if unknown."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone must be a non-empty name, got {name!r}")
     if name in BUILTIN_BACKBONES:
-        return "cnn", name
+        return name, name
     prefix, sep, rest = name.partition(":")
     if sep and prefix == "timm":
         import timm
@@ -702,6 +923,8 @@ def build_model(
         Linear(in_features=16, out_features=2, bias=True)
     """
     source, model_name = _backbone_source(name)
+    if source == "mlp":
+        return MLP(in_channels * image_size * image_size, num_classes, width=width)
     if source == "cnn":
         widths = (width, 2 * width) if image_size <= 16 else (width, 2 * width, 4 * width)
         return SmallCNN(in_channels, num_classes, widths=widths)
@@ -784,11 +1007,16 @@ def _make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer, total_steps: int
 
 @torch.no_grad()
 def _evaluate(
-    labeler: AuxiliaryLabeler, data: Data, idx: Optional[Tensor], device: torch.device
+    labeler: AuxiliaryLabeler,
+    data: Data,
+    idx: Optional[Tensor],
+    device: torch.device,
+    split: str = "test",
 ) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of the primary task on (a subset of) the test set."""
+    """``(accuracy, mean cross-entropy)`` of the primary task on (a subset of) a split."""
     labeler.eval()
-    x_all, y_all = data.x_test, data.y_test
+    x_all, y_all = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
+    assert x_all is not None and y_all is not None
     if idx is not None:
         x_all, y_all = x_all[idx], y_all[idx]
     correct, loss, n = 0, 0.0, int(y_all.numel())
@@ -1002,6 +1230,7 @@ def _train(
     if cfg.eval_subset is not None and cfg.eval_subset < n_test:
         g = torch.Generator().manual_seed(cfg.data_seed)
         eval_idx = torch.sort(torch.randperm(n_test, generator=g)[: cfg.eval_subset]).values
+    has_val = data.x_val is not None
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -1028,16 +1257,16 @@ def _train(
         sums = {"loss": 0.0, "primary_loss": 0.0, "aux_loss": 0.0}
         correct = seen = meta_updates = 0
         bar = tqdm(
-            _batches(data, cfg, epoch, device),
+            _with_meta_batches(_batches(data, cfg, epoch, device), data, cfg, epoch, device),
             total=steps,
             desc=f"{cfg.label} s{cfg.seed} {epoch + 1}/{cfg.epochs}",
             leave=False,
             disable=None if cfg.progress else True,
             dynamic_ncols=True,
         )
-        for x, y, idx in bar:
+        for x, y, idx, meta in bar:
             aux_t = fixed[idx.to(device)] if fixed is not None else None
-            out = labeler.step(x, y, opt, gen_opt, aux_target=aux_t)
+            out = labeler.step(x, y, opt, gen_opt, aux_target=aux_t, meta_batch=meta)
             if sched is not None:
                 sched.step()
             b = int(y.numel())
@@ -1049,15 +1278,19 @@ def _train(
             bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
         bar.close()
         train_time = time.perf_counter() - t0
-        acc, loss = _evaluate(labeler, data, eval_idx, device)
+        if has_val:
+            acc, loss = _evaluate(labeler, data, None, device, split="val")
+            scores = {"val_accuracy": acc, "val_loss": loss}
+        else:
+            acc, loss = _evaluate(labeler, data, eval_idx, device)
+            scores = {"test_accuracy": acc, "test_loss": loss}
         record = {
             "epoch": epoch + 1,
             "train_loss": sums["loss"] / max(seen, 1),
             "train_primary_loss": sums["primary_loss"] / max(seen, 1),
             "train_aux_loss": sums["aux_loss"] / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
-            "test_accuracy": acc,
-            "test_loss": loss,
+            **scores,
             "lr": float(opt.param_groups[0]["lr"]),
             "epoch_time_s": train_time,
             "eval_time_s": time.perf_counter() - t0 - train_time,
@@ -1066,7 +1299,7 @@ def _train(
         history.append(record)
         logger.info(
             "%s seed %d epoch %d/%d: loss %.4f (primary %.4f, aux %.4f), train acc %.4f, "
-            "test acc %.4f [%.1fs]",
+            "%s acc %.4f [%.1fs]",
             cfg.label,
             cfg.seed,
             epoch + 1,
@@ -1075,6 +1308,7 @@ def _train(
             record["train_primary_loss"],
             record["train_aux_loss"],
             record["train_accuracy"],
+            "val" if has_val else "test",
             acc,
             train_time,
         )
@@ -1093,7 +1327,7 @@ def _train(
                 rng=rng_state(),
             )
 
-    if eval_idx is not None:
+    if eval_idx is not None or has_val:
         final_acc, final_loss = _evaluate(labeler, data, None, device)
     elif history:
         final_acc, final_loss = history[-1]["test_accuracy"], history[-1]["test_loss"]
@@ -1107,6 +1341,9 @@ def _train(
         "history": history,
         "final_test_accuracy": final_acc,
         "final_test_loss": final_loss,
+        "final_val_accuracy": history[-1]["val_accuracy"] if has_val and history else None,
+        "num_val": 0 if data.y_val is None else int(data.y_val.numel()),
+        "num_meta": 0 if data.y_meta is None else int(data.y_meta.numel()),
         "wall_time_s": wall,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         "num_train": int(data.y_train.numel()),
@@ -1156,12 +1393,18 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for label, rs in groups.items():
         accs = np.array([r["final_test_accuracy"] for r in rs], dtype=float)
+        vals = np.array([r.get("final_val_accuracy") or np.nan for r in rs], dtype=float)
         row: dict[str, Any] = {
             "label": label,
             "seeds": [r["config"]["seed"] for r in rs],
             "accuracies": accs.tolist(),
             "accuracy_mean": float(accs.mean()),
             "accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+            "val_accuracies": None if np.isnan(vals).any() else vals.tolist(),
+            "val_accuracy_mean": None if np.isnan(vals).any() else float(vals.mean()),
+            "val_accuracy_std": None
+            if np.isnan(vals).any()
+            else (float(vals.std(ddof=1)) if len(vals) > 1 else 0.0),
             "wall_time_mean_s": float(np.mean([r["wall_time_s"] for r in rs])),
             "train_time_mean_s": float(np.mean([r["train_time_s"] for r in rs])),
             "epoch_time_mean_s": float(
@@ -1184,12 +1427,27 @@ def _nmi_cell(row: dict[str, Any]) -> str:
     return "-"
 
 
+def _val_cell(row: dict[str, Any]) -> str:
+    if row.get("val_accuracy_mean") is None:
+        return "-"
+    return f"{100 * row['val_accuracy_mean']:.2f} ± {100 * row['val_accuracy_std']:.2f}"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of :func:`summarize` rows (for the terminal)."""
-    head = ("method", "test accuracy (%)", "seeds", "wall s/run", "train s/epoch", "aux NMI")
+    head = (
+        "method",
+        "val accuracy (%)",
+        "test accuracy (%)",
+        "seeds",
+        "wall s/run",
+        "train s/epoch",
+        "aux NMI",
+    )
     body = [
         (
             r["label"],
+            _val_cell(r),
             f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
             str(len(r["seeds"])),
             f"{r['wall_time_mean_s']:.1f}",
@@ -1207,13 +1465,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of :func:`summarize` rows."""
     out = [
-        "| method | test accuracy (%) | seeds | wall time / run (s) | train time / epoch (s) "
-        "| aux NMI with fine labels |",
-        "|---|---|---|---|---|---|",
+        "| method | val accuracy (%) | test accuracy (%) | seeds | wall time / run (s) "
+        "| train time / epoch (s) | aux NMI with fine labels |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['label']} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} "
+            f"| {r['label']} | {_val_cell(r)} "
+            f"| {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} "
             f"| {len(r['seeds'])} | {r['wall_time_mean_s']:.1f} | {r['epoch_time_mean_s']:.2f} "
             f"| {_nmi_cell(r)} |"
         )
@@ -1223,7 +1482,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def _curves(runs: Sequence[dict[str, Any]]) -> dict[str, list[list[float]]]:
     curves: dict[str, list[list[float]]] = {}
     for r in runs:
-        curves.setdefault(r["label"], []).append([h["test_accuracy"] for h in r["history"]])
+        key = (
+            "val_accuracy"
+            if r["history"] and "val_accuracy" in r["history"][0]
+            else "test_accuracy"
+        )
+        curves.setdefault(r["label"], []).append([h[key] for h in r["history"]])
     return curves
 
 
@@ -1255,26 +1519,29 @@ def run_sweep(
     Returns:
         ``{"summary": rows, "runs": [results, ...], "config": base, "methods", "seeds"}``.
     """
-    parsed = [parse_method(m) for m in methods]
+    parsed = [parse_variant(m) for m in methods]
     if not parsed:
         raise ValueError("give at least one method")
     if not seeds:
         raise ValueError("give at least one seed")
-    labels = [RunConfig(method=m, generator=g or base.generator).label for m, g in parsed]
+    variants = [
+        dict(method=m, generator=g or base.generator, meta_source=src or base.meta_source)
+        for m, g, src in parsed
+    ]
+    labels = [dataclasses.replace(base, **v).label for v in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods repeat: {labels}")
     out = Path(out_dir) if out_dir is not None else None
     # Fail fast on a bad backbone, levels or psi before any training.
     check_backbone(base.backbone)
-    for method, gen in parsed:
-        check_config(dataclasses.replace(base, method=method, generator=gen or base.generator))
+    for v in variants:
+        check_config(dataclasses.replace(base, **v))
     runs: list[dict[str, Any]] = []
     for seed in seeds:
-        for (method, gen), label in zip(parsed, labels):
+        for v, label in zip(variants, labels):
             cfg = dataclasses.replace(
                 base,
-                method=method,
-                generator=gen or base.generator,
+                **v,
                 seed=int(seed),
                 out_dir=str(out / label / f"seed{seed}") if out is not None else None,
             )
