@@ -259,6 +259,13 @@ def oracle_step(theta, phi, bn, opt, x, y, meta=None):
     lp = primary_ce(zp, y)
     la = -(t * F.log_softmax(za, dim=1)).sum(1).mean()
     lmt = lp + AUX_W * la
+    # the paper's gradient-similarity analysis: both losses' gradients on the parameters
+    # they share (the backbone: first Linear and BatchNorm), each from its own backward
+    shared = [th[n] for n in ("0.weight", "0.bias", "1.weight", "1.bias")]
+    grad_cosine = cosine(
+        torch.autograd.grad(lp, shared, retain_graph=True),
+        torch.autograd.grad(la, shared, retain_graph=True),
+    )
     names = list(th)
     grads = torch.autograd.grad(lmt, [th[n] for n in names], create_graph=True)
     G = dict(zip(names, grads))
@@ -290,11 +297,12 @@ def oracle_step(theta, phi, bn, opt, x, y, meta=None):
         G=G,
         losses=losses,
         logits=zp.detach(),
+        grad_cosine=grad_cosine,
     )
 
 
 # ----------------------------------------------------------------------------- helpers
-def build(meta, zero_col, steps=2):
+def build(meta, zero_col, steps=2, **options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
     gen = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 9)).double()
@@ -306,6 +314,7 @@ def build(meta, zero_col, steps=2):
         aux_weight=AUX_W,
         entropy_weight=ENT_W,
         meta=meta,
+        **options,
     )
     batches = []
     for _ in range(steps):
@@ -445,3 +454,52 @@ def test_meta_batch_errors():
         labeler.step(x, y, opt, gen_opt, meta_batch=(x[:, :4], y))
     with pytest.raises(ValueError, match="meta_batch: x and y must have the same batch size"):
         labeler.step(x, y, opt, gen_opt, meta_batch=(x, y[:3]))
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum", "adam"])
+def test_grad_cosine_diagnostic_matches_oracle_and_leaves_the_step_unchanged(case):
+    opt_cls, kind, hp, zero_col = CASES[case]
+    model, gen, labeler, batches = build("second_order", zero_col, 3, diagnostics=True)
+    opt = opt_cls(labeler.model_parameters(), **hp)
+    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
+    oracle = OracleOpt(kind, hp)
+    theta, bn = lib_theta(model, labeler), lib_bn(model)
+    phi = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    cosines = []
+    for step, (x, y) in enumerate(batches):
+        ref = oracle_step(theta, phi, bn, oracle, x, y)
+        out = labeler.step(x, y, opt, gen_opt)
+        got = float(out["grad_cosine"])
+        assert got == pytest.approx(ref["grad_cosine"], rel=1e-9, abs=1e-12), f"step {step}"
+        cosines.append(got)
+        for n, p in gen.named_parameters():
+            torch.testing.assert_close(p.detach(), ref["phi"][n], **TOL, msg=f"phi {n}")
+        for n, v in lib_theta(model, labeler).items():
+            torch.testing.assert_close(v, ref["theta"][n], **TOL, msg=f"theta {n}")
+        theta, phi, bn = ref["theta"], ref["phi"], ref["bn"]
+    assert len(set(cosines)) == 3 and all(-1 <= c <= 1 for c in cosines)
+
+
+def test_grad_cosine_costs_one_backward_when_enabled_and_none_when_disabled(monkeypatch):
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(1)
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    counts = {}
+    for diagnostics in (False, True):
+        model, gen, labeler, (b1, b2) = build("second_order", 0, diagnostics=diagnostics)
+        opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
+        gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
+        calls.clear()
+        out = labeler.step(*b1, opt)  # no meta step: only the multi-task backward
+        counts[diagnostics, "plain"] = len(calls)
+        assert ("grad_cosine" in out) is diagnostics
+        calls.clear()
+        labeler.step(*b2, opt, gen_opt)
+        counts[diagnostics, "meta"] = len(calls)
+    assert counts[False, "plain"] == 1 and counts[True, "plain"] == 2
+    assert counts[True, "meta"] == counts[False, "meta"] + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import timm.optim
@@ -198,3 +199,53 @@ def test_sgd_stand_in_is_plain_sgd_at_the_groups_current_lr():
     for p, g, lr, o in zip(params, grads, (0.3, 0.25), out):
         torch.testing.assert_close(o, p.detach() - lr * g, rtol=0, atol=0)
     assert sgd_jacobian(sgd, params) == [-0.3, -0.25]
+
+
+def _labeler(**options):
+    from auxgen import AuxiliaryLabeler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return AuxiliaryLabeler(model, psi=[2, 3, 4], **options)
+
+
+def test_labeler_refuses_unmirrored_optimizer_unless_lookahead_sgd():
+    x, y = torch.randn(12, 6), torch.arange(12) % 3
+    lab = _labeler()
+    gen_opt = optim.SGD(lab.generator_parameters(), lr=1e-2)
+    with pytest.raises(
+        TypeError,
+        match=r"mirrored exactly, got torch.optim.adadelta.Adadelta; pass .*lookahead=\"sgd\"",
+    ):
+        lab.step(x, y, optim.Adadelta(lab.model_parameters()), gen_opt)
+    with pytest.raises(
+        ValueError, match=r"lookahead must be one of \('exact', 'sgd'\), got 'adam'"
+    ):
+        _labeler(lookahead="adam")
+    with pytest.raises(TypeError, match="diagnostics must be a bool, got int"):
+        _labeler(diagnostics=1)
+
+
+def test_lookahead_sgd_uses_plain_sgd_at_the_current_lr_and_warns_once():
+    """The meta-gradient with Lamb under lookahead='sgd' is the one a plain SGD step gives."""
+    x, y = torch.randn(12, 6), torch.arange(12) % 3
+    approx, plain = _labeler(lookahead="sgd"), _labeler()
+    lamb = timm.optim.Lamb(approx.model_parameters(), lr=0.05, weight_decay=0.1)
+    sgd = optim.SGD(plain.model_parameters(), lr=0.05)
+    gen_a = optim.SGD(approx.generator_parameters(), lr=1e-2)
+    gen_p = optim.SGD(plain.generator_parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match=r"Lamb is not mirrored exactly: .* plain SGD"):
+        out = approx.step(x, y, lamb, gen_a)
+    assert out["meta_updated"]
+    plain.step(x, y, sgd, gen_p)
+    for a, b in zip(approx.generator_parameters(), plain.generator_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-8)
+    # the real step is Lamb's own, not SGD's
+    assert not torch.allclose(approx.model_parameters()[0], plain.model_parameters()[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        approx.step(x, y, lamb, gen_a)  # warned once only
+    # mirrored optimisers stay exact under lookahead="sgd": no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        approx.step(x, y, optim.NAdam(approx.model_parameters()), gen_a)
