@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--meta", choices=META_MODES, default="second_order")
     g.add_argument("--meta-every", type=_positive_int, default=1)
     g.add_argument("--entropy-weight", type=_float, default=0.2)
+    g.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="record the cosine of the primary and auxiliary gradients per epoch",
+    )
     g = run.add_argument_group("execution")
     g.add_argument("--out", default=None, help="output folder (default: runs/<dataset>)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -269,6 +274,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         meta_every=args.meta_every,
         aux_weight=args.aux_weight,
         entropy_weight=args.entropy_weight,
+        diagnostics=args.diagnostics,
         data_seed=args.data_seed,
         train_subset=args.train_subset,
         test_limit=args.test_limit,
