@@ -45,7 +45,9 @@ def _save(fig, path: PathLike) -> None:
     _pyplot().close(fig)
 
 
-def _bands(ax, curves: Mapping[str, Sequence[Sequence[float]]], scale: float) -> None:
+def _bands(
+    ax, curves: Mapping[str, Sequence[Sequence[float]]], scale: float, colors: Mapping[str, str]
+) -> None:
     """One line per method: the mean over seeds, with a ± std band."""
     for label, seeds in curves.items():
         n = min((len(s) for s in seeds), default=0)
@@ -54,10 +56,11 @@ def _bands(ax, curves: Mapping[str, Sequence[Sequence[float]]], scale: float) ->
         vals = scale * np.array([list(s)[:n] for s in seeds], dtype=float)
         mean = vals.mean(0)
         epochs = np.arange(1, n + 1)
-        (line,) = ax.plot(epochs, mean, marker="o" if n <= 20 else None, ms=3, label=label)
+        color = colors[label]
+        ax.plot(epochs, mean, marker="o" if n <= 20 else None, ms=3, label=label, color=color)
         if vals.shape[0] > 1:
             std = vals.std(0, ddof=1)
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15)
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
 
@@ -81,15 +84,17 @@ def plot_accuracy(
             the right; ``None`` or empty: accuracy only.
     """
     plt = _pyplot()
+    labels = list(dict.fromkeys([*curves, *(grad_cosine or {})]))
+    colors = {k: f"C{i % 10}" for i, k in enumerate(labels)}  # same colour in both panels
     if grad_cosine:
         fig, (ax, ax_cos) = plt.subplots(1, 2, figsize=(12, 4.2))
-        _bands(ax_cos, grad_cosine, 1.0)
+        _bands(ax_cos, grad_cosine, 1.0, colors)
         ax_cos.axhline(0.0, color="black", lw=0.8)
-        ax_cos.set_ylabel("cosine(grad primary, grad auxiliary), shared parameters")
+        ax_cos.set_ylabel("gradient cosine (primary, auxiliary)")
         ax_cos.legend(loc="best", fontsize=9)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-    _bands(ax, curves, 100.0)
+    _bands(ax, curves, 100.0, colors)
     ax.set_ylabel("test accuracy (%)")
     ax.legend(loc="lower right", fontsize=9)
     if title:
