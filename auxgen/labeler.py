@@ -488,8 +488,9 @@ class AuxiliaryLabeler(nn.Module):
         Args:
             x: input batch.
             y: ``(batch,)`` primary labels in ``[0, len(psi))``.
-            optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over
-                :meth:`model_parameters` (or a subset: the others stay fixed).
+            optimizer: one of :data:`~auxgen.SUPPORTED_OPTIMIZERS` (any optimiser with
+                ``lookahead="sgd"``) over :meth:`model_parameters` (or a subset: the others
+                stay fixed).
             gen_optimizer: optimiser over :meth:`generator_parameters`; ``None`` keeps
                 the generator fixed.
             aux_target: fixed auxiliary labels instead of generated ones (human, random,
@@ -506,7 +507,8 @@ class AuxiliaryLabeler(nn.Module):
             A dict with ``loss``, ``primary_loss``, ``aux_loss`` (detached tensors),
             ``meta_loss`` (tensor, or ``None`` when the generator was not updated),
             ``logits`` (detached primary logits of the batch), ``meta_updated`` (bool) and
-            ``skipped`` (1 when a non-finite step was skipped, else 0).
+            ``skipped`` (1 when a non-finite step was skipped, else 0); with
+            ``diagnostics=True`` also ``grad_cosine`` (see ``diagnostics``).
 
         Raises:
             NonFiniteError: on a non-finite loss or gradient with ``nonfinite="raise"``.
