@@ -218,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the training images held out for --meta-source heldout (0.1)",
     )
     g.add_argument("--entropy-weight", type=_float, default=0.2)
+    g.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="record the cosine of the primary and auxiliary gradients per epoch",
+    )
     g = run.add_argument_group("execution")
     g.add_argument("--out", default=None, help="output folder (default: runs/<dataset>)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -319,6 +324,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         meta_fraction=args.meta_fraction,
         aux_weight=args.aux_weight,
         entropy_weight=args.entropy_weight,
+        diagnostics=args.diagnostics,
         data_seed=args.data_seed,
         train_subset=args.train_subset,
         val_fraction=args.val_fraction,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -16,7 +17,7 @@ from .backbone import feature_dim_of, find_classifier, replace_module
 from .hierarchy import masked_log_softmax, normalize_psi, owner_index
 from .losses import LOSSES, neg_entropy, per_class_loss, primary_loss
 from .meta import META_MODES, RNGState, directional_derivative, lookahead_direction
-from .mirror import check_optimizer
+from .mirror import LOOKAHEADS, check_optimizer, is_mirrored, sgd_stand_in
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
 
@@ -97,6 +98,15 @@ class AuxiliaryLabeler(nn.Module):
             :meth:`step` (``None``: whenever a process group with world size > 1 is
             initialised; ``False``: never).
         process_group: the process group to average over (default: the world).
+        lookahead: ``"exact"`` (default): the meta-gradient's look-ahead mirrors the
+            optimiser exactly (:data:`~auxgen.SUPPORTED_OPTIMIZERS`; any other raises
+            ``TypeError``); ``"sgd"``: optimisers that are not mirrored are approximated
+            by plain SGD at each group's current learning rate (the paper's
+            approximation), with a one-time warning.
+        diagnostics: report in :meth:`step`'s output ``grad_cosine``, the cosine
+            similarity between the primary-loss and the auxiliary-loss gradients on the
+            shared parameters (the model's, less its classifier), at the cost of one extra
+            backward of the primary loss per step; nothing is computed when ``False``.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -133,6 +143,8 @@ class AuxiliaryLabeler(nn.Module):
         nonfinite: str = "raise",
         distributed: Optional[bool] = None,
         process_group: Optional[Any] = None,
+        lookahead: str = "exact",
+        diagnostics: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -141,6 +153,10 @@ class AuxiliaryLabeler(nn.Module):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if meta not in META_MODES:
             raise ValueError(f"meta must be one of {META_MODES}, got {meta!r}")
+        if lookahead not in LOOKAHEADS:
+            raise ValueError(f"lookahead must be one of {LOOKAHEADS}, got {lookahead!r}")
+        if not isinstance(diagnostics, bool):
+            raise TypeError(f"diagnostics must be a bool, got {type(diagnostics).__name__}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
@@ -184,6 +200,9 @@ class AuxiliaryLabeler(nn.Module):
         self.nonfinite = nonfinite
         self.distributed = distributed
         self.process_group = process_group
+        self.lookahead = lookahead
+        self.diagnostics = diagnostics
+        self._approximated: set[type] = set()
         self.classifier_name = cls_name
         self.feature_dim = dim
 
@@ -469,8 +488,9 @@ class AuxiliaryLabeler(nn.Module):
         Args:
             x: input batch.
             y: ``(batch,)`` primary labels in ``[0, len(psi))``.
-            optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over
-                :meth:`model_parameters` (or a subset: the others stay fixed).
+            optimizer: one of :data:`~auxgen.SUPPORTED_OPTIMIZERS` (any optimiser with
+                ``lookahead="sgd"``) over :meth:`model_parameters` (or a subset: the others
+                stay fixed).
             gen_optimizer: optimiser over :meth:`generator_parameters`; ``None`` keeps
                 the generator fixed.
             aux_target: fixed auxiliary labels instead of generated ones (human, random,
@@ -487,7 +507,8 @@ class AuxiliaryLabeler(nn.Module):
             A dict with ``loss``, ``primary_loss``, ``aux_loss`` (detached tensors),
             ``meta_loss`` (tensor, or ``None`` when the generator was not updated),
             ``logits`` (detached primary logits of the batch), ``meta_updated`` (bool) and
-            ``skipped`` (1 when a non-finite step was skipped, else 0).
+            ``skipped`` (1 when a non-finite step was skipped, else 0); with
+            ``diagnostics=True`` also ``grad_cosine`` (see ``diagnostics``).
 
         Raises:
             NonFiniteError: on a non-finite loss or gradient with ``nonfinite="raise"``.
@@ -500,7 +521,17 @@ class AuxiliaryLabeler(nn.Module):
             argname="optimizer",
             owner="model_parameters()",
             mirrored=True,
+            lookahead=self.lookahead,
         )
+        if not is_mirrored(optimizer) and type(optimizer) not in self._approximated:
+            self._approximated.add(type(optimizer))
+            warnings.warn(
+                f"{type(optimizer).__name__} is not mirrored exactly: the meta-gradient's "
+                "look-ahead is plain SGD at each group's current learning rate "
+                '(lookahead="sgd", the MAXL paper\'s approximation)',
+                UserWarning,
+                stacklevel=2,
+            )
         if gen_optimizer is not None:
             check_optimizer(
                 gen_optimizer,
@@ -566,6 +597,7 @@ class AuxiliaryLabeler(nn.Module):
         lp = primary_loss(z_p, y, self.loss, self.focal_gamma)
         la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
         loss = lp + self.aux_weight * la
+        shared, g_p = self._primary_grads(lp, params) if self.diagnostics else ([], [])
         grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         present = [i for i, g in enumerate(grads) if g is not None]
         self._average([grads[i] for i in present])  # type: ignore[misc]
@@ -578,6 +610,8 @@ class AuxiliaryLabeler(nn.Module):
             "meta_updated": False,
             "skipped": 0,
         }
+        if self.diagnostics:
+            result["grad_cosine"] = self._grad_cosine(shared, g_p, grads)
         if not _all_finite([loss, *grads]):
             return self._nonfinite(result, "multi-task loss or gradient")
 
@@ -646,7 +680,7 @@ class AuxiliaryLabeler(nn.Module):
 
         if moving:
             u, lp_plus = lookahead_direction(
-                optimizer,
+                optimizer if is_mirrored(optimizer) else sgd_stand_in(optimizer),
                 moving,
                 [grads[i] for i in idx],  # type: ignore[misc]
                 primary_loss_at,
@@ -671,6 +705,40 @@ class AuxiliaryLabeler(nn.Module):
         gen_grads = list(torch.autograd.grad(surrogate, gen_params, allow_unused=True))
         self._average([g for g in gen_grads if g is not None])
         return gen_grads, (lp_plus + self.entropy_weight * ent.detach()).detach()
+
+    def _primary_grads(self, lp: Tensor, params: list[Tensor]) -> tuple[list[int], list[Tensor]]:
+        """Indices in ``params`` of the shared parameters and ``grad L_p`` on them."""
+        classifier = self.model.get_submodule(self.classifier_name)
+        shared_ids = {id(p) for p in self.model.parameters()} - {
+            id(p) for p in classifier.parameters()
+        }
+        idx = [i for i, p in enumerate(params) if id(p) in shared_ids]
+        if not idx:
+            return [], []
+        g_p = torch.autograd.grad(
+            lp, [params[i] for i in idx], retain_graph=True, allow_unused=True
+        )
+        keep = [k for k, g in enumerate(g_p) if g is not None]
+        out = [g_p[k] for k in keep]
+        self._average(out)  # type: ignore[arg-type]
+        return [idx[k] for k in keep], out  # type: ignore[misc]
+
+    def _grad_cosine(
+        self, shared: list[int], g_p: list[Tensor], grads: list[Optional[Tensor]]
+    ) -> Optional[Tensor]:
+        """Cosine of ``grad L_p`` and ``grad L_a = (G - grad L_p) / w`` on shared parameters."""
+        if self.aux_weight == 0 or not shared:
+            return None
+        dev = g_p[0].device
+        acc = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+        dot = norm_p = norm_a = torch.zeros((), dtype=acc, device=dev)
+        for i, gp in zip(shared, g_p):
+            gp = gp.detach().to(acc).flatten()
+            ga = (grads[i].detach().to(acc).flatten() - gp) / self.aux_weight  # type: ignore[union-attr]
+            dot = dot + gp @ ga
+            norm_p = norm_p + gp @ gp
+            norm_a = norm_a + ga @ ga
+        return dot / (norm_p * norm_a).sqrt()
 
     def _nonfinite(self, result: dict[str, Any], what: str) -> dict[str, Any]:
         if self.nonfinite == "raise":

@@ -3,17 +3,45 @@
 MAXL's meta-gradient needs the multi-task network's *next* parameters,
 ``theta_plus = step(theta, G, state)``, as a differentiable function of the gradient ``G``.
 :func:`lookahead` computes that step exactly as ``torch.optim`` would (same learning rate,
-momentum, dampening, Nesterov, weight decay, betas, eps, and the optimiser's **current**
-state: momentum buffers, Adam moments and step counts), without touching the optimiser.
+momentum, dampening, Nesterov, weight decay, betas, eps, ``maximize``, per-group options,
+and the optimiser's **current** state: momentum buffers, moments, accumulators, step
+counts), without touching the optimiser. Mirrored: ``SGD``, ``Adam`` (incl. ``amsgrad``),
+``AdamW``, ``RMSprop`` (incl. ``centered`` and ``momentum``), ``Adagrad`` (incl.
+``lr_decay`` and ``initial_accumulator_value``), ``NAdam`` (incl. its momentum-decay
+schedule and ``decoupled_weight_decay``), ``RAdam`` (incl. the variance rectification and
+``decoupled_weight_decay``) and ``Adamax``.
 
-Adam and AdamW use torchopt's functional ``scale_by_adam`` transform, fed the optimiser's
-own moments and step counts, with a tiny ``eps_root`` inside the square root so that the
-look-ahead stays differentiable where a gradient is exactly zero (``d sqrt(v)/dv`` is
-infinite at ``v = 0``; ``eps_root`` keeps it finite and leaves the value unchanged to the
-dtype's precision). SGD is written out directly: torchopt's ``trace`` keeps a hidden
-"first call" flag in a closure and so cannot start from an existing momentum buffer.
+Where the look-ahead comes from:
+
+* ``Adamax``: torchopt's functional ``scale_by_adamax``, fed the optimiser's moments and
+  step count. It matches ``torch.optim.Adamax`` to rounding (same max-norm update; its
+  bias correction is a Python float), and has no square root.
+* everything else is written out here, following ``torch.optim``'s single-tensor update
+  operation by operation, because torchopt's transforms do not match it to the working
+  dtype's precision or are not differentiable where ``torch.optim``'s update is:
+  ``scale_by_adam`` computes ``pow(beta, count)`` with an int64 ``count`` in the default
+  (float32) dtype, a 5e-6 relative error in float64, and has no ``amsgrad``;
+  ``scale_by_rms`` / ``scale_by_stddev`` (RMSprop) and ``scale_by_radam`` take a plain
+  ``sqrt`` of the second moment, whose derivative is infinite where it is exactly zero
+  (a gradient entry that has always been zero), which turns the meta-gradient into NaN;
+  ``scale_by_rss`` (Adagrad) replaces the update by 0 where the accumulator is 0, which
+  changes its derivative there (``torch.optim``'s is ``1/eps``) and has no ``lr_decay``;
+  there is no NAdam transform; torchopt's ``trace`` (SGD momentum) keeps a hidden
+  "first call" flag in a closure and cannot start from an existing momentum buffer.
+
+Bias corrections, NAdam's momentum schedule and RAdam's rectification are computed in
+Python floats from the step count, as ``torch.optim`` does, so the look-ahead agrees with
+``torch.optim``'s real step to the working dtype's precision (about ``1e-15`` relative in
+float64). Square roots of second moments get a tiny ``eps_root`` (the dtype's smallest
+normal number) inside, so that the look-ahead stays differentiable where a gradient is
+exactly zero; this leaves the value unchanged to the dtype's precision.
 
 Every supported update is elementwise in ``G``; :mod:`auxgen.meta` relies on that.
+Optimisers whose update is not (layer-wise trust ratios as in LAMB and LARS, factored or
+matrix preconditioners as in Adafactor, Shampoo or Muon) are refused. With
+``lookahead="sgd"`` (:func:`check_optimizer`, :func:`sgd_stand_in`) any optimiser that
+is not mirrored is approximated by plain SGD at its groups' current learning rates, the
+paper's own approximation.
 """
 
 from __future__ import annotations
@@ -23,34 +51,116 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torchopt.transform.scale_by_adam import ScaleByAdamState, scale_by_adam
+from torchopt.transform.scale_by_adamax import ScaleByAdamaxState, scale_by_adamax
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "check_optimizer", "lookahead", "sgd_jacobian"]
+__all__ = [
+    "LOOKAHEADS",
+    "SUPPORTED_OPTIMIZERS",
+    "check_optimizer",
+    "is_mirrored",
+    "lookahead",
+    "sgd_jacobian",
+    "sgd_stand_in",
+]
 
 SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
     torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+)
+
+LOOKAHEADS = ("exact", "sgd")
+
+# Optimisers (by class name: timm, torch and others) whose update is not elementwise in the
+# gradient: a per-layer trust ratio or norm (LAMB, LARS, NovoGrad, AdamP/SGDP's projection),
+# a factored, matrix or curvature preconditioner (Adafactor, Shampoo, Muon, Adahessian,
+# L-BFGS).
+NON_ELEMENTWISE = frozenset(
+    {
+        "Lamb",
+        "LAMB",
+        "Lars",
+        "LARS",
+        "NvNovoGrad",
+        "NovoGrad",
+        "AdamP",
+        "SGDP",
+        "Adafactor",
+        "AdafactorBigVision",
+        "Shampoo",
+        "Muon",
+        "Adahessian",
+        "LBFGS",
+    }
+)
+
+# most specific first: AdamW subclasses Adam in recent torch
+_KINDS: tuple[tuple[type[torch.optim.Optimizer], str], ...] = (
+    (torch.optim.AdamW, "adamw"),
+    (torch.optim.Adam, "adam"),
+    (torch.optim.SGD, "sgd"),
+    (torch.optim.RMSprop, "rmsprop"),
+    (torch.optim.Adagrad, "adagrad"),
+    (torch.optim.NAdam, "nadam"),
+    (torch.optim.RAdam, "radam"),
+    (torch.optim.Adamax, "adamax"),
 )
 
 
-def _kind(optimizer: torch.optim.Optimizer) -> str:
-    # AdamW subclasses Adam in recent torch: test it first.
-    if isinstance(optimizer, torch.optim.AdamW):
-        return "adamw"
-    if isinstance(optimizer, torch.optim.Adam):
-        return "adam"
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
-    raise TypeError(
-        "optimizer must be one of "
-        f"{', '.join('torch.optim.' + c.__name__ for c in SUPPORTED_OPTIMIZERS)}, "
-        f"got {type(optimizer).__module__}.{type(optimizer).__name__}"
+def _kind(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    for cls, kind in _KINDS:
+        if isinstance(optimizer, cls):
+            return kind
+    return None
+
+
+def _name(optimizer: Any) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+
+
+def is_mirrored(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`lookahead` mirrors ``optimizer`` exactly.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> is_mirrored(torch.optim.RMSprop([w])), is_mirrored(torch.optim.LBFGS([w]))
+        (True, False)
+    """
+    return _kind(optimizer) is not None
+
+
+def _unsupported(optimizer: torch.optim.Optimizer, argname: str) -> TypeError:
+    supported = ", ".join("torch.optim." + c.__name__ for c in SUPPORTED_OPTIMIZERS)
+    name = type(optimizer).__name__
+    if name in NON_ELEMENTWISE:
+        return TypeError(
+            f"{argname} {_name(optimizer)} cannot be mirrored exactly: its update is not "
+            "elementwise in the gradient (a layer-wise trust ratio, norm or matrix "
+            "preconditioner), which the exact meta-gradient relies on. Train the multi-task "
+            f"network with an elementwise optimiser ({supported}), or pass "
+            'AuxiliaryLabeler(..., lookahead="sgd") to approximate its look-ahead by plain '
+            "SGD at each group's learning rate (the MAXL paper's approximation)"
+        )
+    return TypeError(
+        f"{argname} must be one of {supported} to be mirrored exactly, got {_name(optimizer)}; "
+        'pass AuxiliaryLabeler(..., lookahead="sgd") to approximate its look-ahead by plain '
+        "SGD at each group's learning rate (the MAXL paper's approximation)"
     )
 
 
 def check_optimizer(
-    optimizer: Any, allowed: Iterable[Tensor], *, argname: str, owner: str, mirrored: bool
+    optimizer: Any,
+    allowed: Iterable[Tensor],
+    *,
+    argname: str,
+    owner: str,
+    mirrored: bool,
+    lookahead: str = "exact",
 ) -> None:
     """Check that ``optimizer`` is supported and only holds parameters from ``allowed``.
 
@@ -60,17 +170,24 @@ def check_optimizer(
         argname: argument name used in error messages (``"optimizer"``).
         owner: what ``allowed`` is, for error messages (``"model_parameters()"``).
         mirrored: whether :func:`lookahead` must mirror it (then only the supported
-            optimisers and options are accepted; any ``torch.optim`` optimiser otherwise).
+            optimisers are accepted, unless ``lookahead="sgd"``; any ``torch.optim``
+            optimiser otherwise).
+        lookahead: ``"exact"`` (only mirrored optimisers) or ``"sgd"`` (any other
+            optimiser is approximated by :func:`sgd_stand_in`).
 
     Raises:
-        TypeError: if it is not a supported ``torch.optim`` optimiser.
-        ValueError: if it holds a foreign parameter or an unsupported option.
+        TypeError: if it is not a ``torch.optim`` optimiser, or must be mirrored and is
+            not supported.
+        ValueError: if it holds a foreign parameter, or ``lookahead`` is unknown.
     """
+    if lookahead not in LOOKAHEADS:
+        raise ValueError(f"lookahead must be one of {LOOKAHEADS}, got {lookahead!r}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"{argname} must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    kind = _kind(optimizer) if mirrored else None
+    if mirrored and lookahead == "exact" and not is_mirrored(optimizer):
+        raise _unsupported(optimizer, argname)
     allowed_ids = {id(p) for p in allowed}
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
@@ -80,8 +197,25 @@ def check_optimizer(
                     f"that is not one of the labeler's {owner}; build it from "
                     f"labeler.{owner}"
                 )
-        if kind in ("adam", "adamw") and group.get("amsgrad", False):
-            raise ValueError(f"{argname}: Adam(amsgrad=True) is not supported, got amsgrad=True")
+
+
+def sgd_stand_in(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
+    """Plain SGD over ``optimizer``'s parameters at each group's current learning rate.
+
+    The MAXL paper's look-ahead approximation, for optimisers :func:`lookahead` does not
+    mirror: no momentum, no weight decay, no state; a group's ``maximize`` is kept.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> sgd = sgd_stand_in(torch.optim.LBFGS([w], lr=0.5))
+        >>> sgd.param_groups[0]["lr"], sgd.param_groups[0]["momentum"]
+        (0.5, 0)
+    """
+    groups = [
+        {"params": g["params"], "lr": _f(g["lr"]), "maximize": bool(g.get("maximize", False))}
+        for g in optimizer.param_groups
+    ]
+    return torch.optim.SGD(groups, lr=groups[0]["lr"] if groups else 0.0, foreach=False)
 
 
 def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
@@ -93,51 +227,136 @@ def _f(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
-def _sgd(group: dict, state: dict, p: Tensor, theta: Tensor, g: Tensor) -> Tensor:
+def _scalar_dtype() -> torch.dtype:
+    # the dtype torch.optim keeps its CPU step counters and NAdam's mu_product in
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` with a finite derivative at ``v = 0`` (the value is unchanged)."""
+    return (v + torch.finfo(v.dtype).tiny).sqrt()
+
+
+def _state(st: dict, key: str, theta: Tensor) -> Tensor:
+    """A state tensor, or the zeros ``torch.optim`` starts it from."""
+    t = st.get(key)
+    return torch.zeros_like(theta) if t is None else t
+
+
+def _sgd(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, mom = _f(group["lr"]), _f(group["momentum"])
     damp, wd = _f(group["dampening"]), _f(group["weight_decay"])
     d = g + wd * theta if wd != 0 else g
     if mom != 0:
-        buf = state.get(p, {}).get("momentum_buffer")
+        buf = st.get("momentum_buffer")
         buf = d if buf is None else buf * mom + (1.0 - damp) * d
         d = d + mom * buf if group["nesterov"] else buf
     return theta - lr * d
 
 
-def _adam(
-    group: dict,
-    state: dict,
-    params: Sequence[Tensor],
-    thetas: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    decoupled: bool,
-) -> list[Tensor]:
+def _adam(group: dict, st: dict, theta: Tensor, g: Tensor, decoupled: bool) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
     b1, b2 = (_f(b) for b in group["betas"])
-    mus, nus, counts = [], [], []
-    gs = []
-    for p, th, g in zip(params, thetas, grads):
-        st = state.get(p, {})
-        if wd != 0 and not decoupled:
-            g = g + wd * th
-        gs.append(g)
-        mus.append(st["exp_avg"] if "exp_avg" in st else torch.zeros_like(th))
-        nus.append(st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(th))
-        step = int(_f(st["step"])) if "step" in st else 0
-        counts.append(torch.tensor(step, dtype=torch.int64, device=th.device))
-    eps_root = torch.finfo(thetas[0].dtype).tiny
-    tx = scale_by_adam.impl(b1=b1, b2=b2, eps=eps, eps_root=eps_root)  # type: ignore[attr-defined]
-    updates, _ = tx.update(
-        tuple(gs),
-        ScaleByAdamState(mu=tuple(mus), nu=tuple(nus), count=tuple(counts)),
-        inplace=False,
-    )
-    out = []
-    for th, u in zip(thetas, updates):
-        if decoupled and wd != 0:
-            th = th * (1.0 - lr * wd)
-        out.append(th - lr * u)
-    return out
+    step = _f(st["step"]) + 1 if "step" in st else 1.0
+    if wd != 0:
+        if decoupled:
+            theta = theta * (1.0 - lr * wd)
+        else:
+            g = g + wd * theta
+    m = torch.lerp(_state(st, "exp_avg", theta), g, 1.0 - b1)
+    v = _state(st, "exp_avg_sq", theta) * b2 + (1.0 - b2) * (g * g)
+    if group.get("amsgrad", False) and "max_exp_avg_sq" in st:
+        v = torch.maximum(st["max_exp_avg_sq"], v)
+    bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+    denom = _sqrt(v) / bc2**0.5 + eps
+    return theta - (lr / bc1) * (m / denom)
+
+
+def _rmsprop(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    lr, alpha, eps = _f(group["lr"]), _f(group["alpha"]), _f(group["eps"])
+    wd, mom = _f(group["weight_decay"]), _f(group["momentum"])
+    if wd != 0:
+        g = g + wd * theta
+    sq = _state(st, "square_avg", theta) * alpha + (1.0 - alpha) * (g * g)
+    if group["centered"]:
+        ga = torch.lerp(_state(st, "grad_avg", theta), g, 1.0 - alpha)
+        avg = _sqrt(sq - ga * ga) + eps
+    else:
+        avg = _sqrt(sq) + eps
+    d = g / avg
+    if mom > 0:
+        buf = st.get("momentum_buffer")
+        d = d if buf is None else buf * mom + d
+    return theta - lr * d
+
+
+def _adagrad(group: dict, st: dict, theta: Tensor, g: Tensor, init: float) -> Tensor:
+    lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
+    step = _f(st["step"]) + 1 if "step" in st else 1.0
+    if wd != 0:
+        g = g + wd * theta
+    clr = lr / (1 + (step - 1) * _f(group["lr_decay"]))
+    total = st["sum"] + g * g if "sum" in st else init + g * g
+    return theta - clr * (g / (_sqrt(total) + eps))
+
+
+def _nadam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
+    b1, b2 = (_f(b) for b in group["betas"])
+    decay = _f(group["momentum_decay"])
+    step = _f(st["step"]) + 1 if "step" in st else 1.0
+    if wd != 0:
+        if group.get("decoupled_weight_decay", False):
+            theta = theta * (1.0 - lr * wd)
+        else:
+            g = g + wd * theta
+    mu = b1 * (1.0 - 0.5 * (0.96 ** (step * decay)))
+    mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * decay)))
+    # torch.optim keeps mu_product as a tensor: multiply in its dtype, as it does
+    prev = st.get("mu_product")
+    prev = torch.tensor(1.0, dtype=_scalar_dtype()) if prev is None else prev
+    mu_product = _f(prev * mu)
+    m = torch.lerp(_state(st, "exp_avg", theta), g, 1.0 - b1)
+    v = _state(st, "exp_avg_sq", theta) * b2 + (1.0 - b2) * (g * g)
+    denom = _sqrt(v / (1.0 - b2**step)) + eps
+    c_g = -lr * (1.0 - mu) / (1.0 - mu_product)
+    c_m = -lr * mu_next / (1.0 - mu_product * mu_next)
+    return theta + c_g * (g / denom) + c_m * (m / denom)
+
+
+def _radam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
+    b1, b2 = (_f(b) for b in group["betas"])
+    step = _f(st["step"]) + 1 if "step" in st else 1.0
+    if wd != 0:
+        if group.get("decoupled_weight_decay", False):
+            theta = theta * (1.0 - lr * wd)
+        else:
+            g = g + wd * theta
+    m = torch.lerp(_state(st, "exp_avg", theta), g, 1.0 - b1)
+    bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+    m_hat = m / bc1
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * step * (b2**step) / bc2
+    if rho_t <= 5.0:  # the variance is not tractable yet: SGD with momentum
+        return theta - m_hat * lr
+    v = _state(st, "exp_avg_sq", theta) * b2 + (1.0 - b2) * (g * g)
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    adaptive = bc2**0.5 / (_sqrt(v) + eps)
+    return theta - m_hat * lr * adaptive * rect
+
+
+def _adamax(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
+    b1, b2 = (_f(b) for b in group["betas"])
+    step = int(_f(st["step"])) + 1 if "step" in st else 1
+    if wd != 0:
+        g = g + wd * theta
+    zero = torch.zeros_like(theta)
+    state = ScaleByAdamaxState(mu=(st.get("exp_avg", zero),), nu=(st.get("exp_inf", zero),), t=step)
+    tx = scale_by_adamax.impl(b1=b1, b2=b2, eps=eps)  # type: ignore[attr-defined]
+    (u,), _ = tx.update((g,), state, inplace=False)
+    return theta - lr * u
 
 
 def lookahead(
@@ -149,7 +368,8 @@ def lookahead(
     """One differentiable step of ``optimizer``, without changing the optimiser.
 
     Args:
-        optimizer: a supported ``torch.optim`` optimiser holding ``params``.
+        optimizer: a supported ``torch.optim`` optimiser holding ``params``
+            (:data:`SUPPORTED_OPTIMIZERS`; see :func:`sgd_stand_in` for others).
         params: the live parameters (used to find each one's group and state).
         thetas: their values to step from (usually ``p.detach()``); the result is
             differentiable with respect to them and to ``grads``.
@@ -166,40 +386,39 @@ def lookahead(
         [0.5, 1.5]
     """
     kind = _kind(optimizer)
+    if kind is None:
+        raise _unsupported(optimizer, "optimizer")
     where = _groups_by_param(optimizer)
-    out: list[Optional[Tensor]] = list(thetas)
-    adam_batches: dict[int, list[tuple[int, Tensor]]] = {}
+    out: list[Tensor] = list(thetas)
     for i, (p, th, g) in enumerate(zip(params, thetas, grads)):
         if g is None:
             continue
-        group = where[id(p)]
+        group, st = where[id(p)], optimizer.state.get(p, {})
         if group.get("maximize", False):
             g = -g
         if kind == "sgd":
-            out[i] = _sgd(group, optimizer.state, p, th, g)
+            out[i] = _sgd(group, st, th, g)
+        elif kind in ("adam", "adamw"):
+            decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
+            out[i] = _adam(group, st, th, g, decoupled)
+        elif kind == "rmsprop":
+            out[i] = _rmsprop(group, st, th, g)
+        elif kind == "adagrad":
+            init = _f(optimizer.defaults.get("initial_accumulator_value", 0.0))
+            out[i] = _adagrad(group, st, th, g, init)
+        elif kind == "nadam":
+            out[i] = _nadam(group, st, th, g)
+        elif kind == "radam":
+            out[i] = _radam(group, st, th, g)
         else:
-            adam_batches.setdefault(id(group), []).append((i, g))
-    for batch in adam_batches.values():
-        idx = [i for i, _ in batch]
-        group = where[id(params[idx[0]])]
-        decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
-        new = _adam(
-            group,
-            optimizer.state,
-            [params[i] for i in idx],
-            [thetas[i] for i in idx],
-            [g for _, g in batch],
-            decoupled,
-        )
-        for i, t in zip(idx, new):
-            out[i] = t
-    return out  # type: ignore[return-value]
+            out[i] = _adamax(group, st, th, g)
+    return out
 
 
 def sgd_jacobian(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
 ) -> Optional[list[float]]:
-    """``d theta_plus / d G`` of an SGD step, one scalar per parameter; ``None`` for Adam.
+    """``d theta_plus / d G`` of an SGD step, one scalar per parameter; ``None`` otherwise.
 
     SGD's update is affine in the gradient with a per-group slope, so the vector-Jacobian
     product through the look-ahead is a scaling and needs no autograd graph:

@@ -1,6 +1,7 @@
 """Figures for the runner and the demo (matplotlib, Agg backend, written to files).
 
-* :func:`plot_accuracy`: test accuracy per epoch, mean ± std over seeds, one line per method.
+* :func:`plot_accuracy`: test accuracy per epoch, mean ± std over seeds, one line per method;
+  optionally, next to it, the cosine similarity of the primary and auxiliary gradients.
 * :func:`plot_aux_spread`: for each primary class, how its samples spread over its generated
   auxiliary classes, against the true fine labels (a small heat map per primary class).
 * :func:`plot_aux_examples`: a grid of example images per generated auxiliary class.
@@ -44,38 +45,62 @@ def _save(fig, path: PathLike) -> None:
     _pyplot().close(fig)
 
 
+def _bands(
+    ax, curves: Mapping[str, Sequence[Sequence[float]]], scale: float, colors: Mapping[str, str]
+) -> None:
+    """One line per method: the mean over seeds, with a ± std band."""
+    for label, seeds in curves.items():
+        n = min((len(s) for s in seeds), default=0)
+        if n == 0:
+            continue
+        vals = scale * np.array([list(s)[:n] for s in seeds], dtype=float)
+        mean = vals.mean(0)
+        epochs = np.arange(1, n + 1)
+        color = colors[label]
+        ax.plot(epochs, mean, marker="o" if n <= 20 else None, ms=3, label=label, color=color)
+        if vals.shape[0] > 1:
+            std = vals.std(0, ddof=1)
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
 def plot_accuracy(
     curves: Mapping[str, Sequence[Sequence[float]]],
     path: PathLike,
     title: Optional[str] = None,
+    *,
+    grad_cosine: Optional[Mapping[str, Sequence[Sequence[float]]]] = None,
+    ylabel: str = "test accuracy (%)",
 ) -> None:
-    """Test accuracy per epoch: the mean over seeds with a ± std band, one line per method.
+    """Accuracy per epoch: the mean over seeds with a ± std band, one line per method.
 
     Args:
         curves: ``{method: [per-seed list of per-epoch accuracies in [0, 1]]}``; seeds of
             different lengths are cut to the shortest.
         path: the PNG to write.
         title: the figure title.
+        ylabel: the accuracy axis label.
+        grad_cosine: the same for the per-epoch mean cosine similarity of the primary and
+            auxiliary gradients (``auxgen run --diagnostics``), drawn in a second panel to
+            the right; ``None`` or empty: accuracy only.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, seeds in curves.items():
-        n = min((len(s) for s in seeds), default=0)
-        if n == 0:
-            continue
-        acc = 100 * np.array([list(s)[:n] for s in seeds], dtype=float)
-        mean = acc.mean(0)
-        epochs = np.arange(1, n + 1)
-        (line,) = ax.plot(epochs, mean, marker="o" if n <= 20 else None, ms=3, label=label)
-        if acc.shape[0] > 1:
-            std = acc.std(0, ddof=1)
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
+    labels = list(dict.fromkeys([*curves, *(grad_cosine or {})]))
+    colors = {k: f"C{i % 10}" for i, k in enumerate(labels)}  # same colour in both panels
+    if grad_cosine:
+        fig, (ax, ax_cos) = plt.subplots(1, 2, figsize=(12, 4.2))
+        _bands(ax_cos, grad_cosine, 1.0, colors)
+        ax_cos.axhline(0.0, color="black", lw=0.8)
+        ax_cos.set_ylabel("gradient cosine (primary, auxiliary)")
+        ax_cos.legend(loc="best", fontsize=9)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+    _bands(ax, curves, 100.0, colors)
+    ax.set_ylabel(ylabel)
     ax.legend(loc="lower right", fontsize=9)
     if title:
-        ax.set_title(title, fontsize=10)
+        (fig.suptitle if grad_cosine else ax.set_title)(title, fontsize=10)
     _save(fig, path)
 
 

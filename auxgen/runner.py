@@ -105,7 +105,7 @@ _CHECKPOINT_FORMAT = 1
 #: values of these may be resumed.
 _NON_MATH_FIELDS = frozenset(
     {"data_dir", "download", "out_dir", "device", "threads", "deterministic", "resume"}
-    | {"checkpoint", "progress"}
+    | {"checkpoint", "progress", "diagnostics"}
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -160,6 +160,9 @@ class RunConfig:
             images than the other methods, the price of its held-out meta loss).
         aux_weight: weight of the auxiliary loss (ignored by ``single``, which uses 0).
         entropy_weight: weight of MAXL's anti-collapse entropy term.
+        diagnostics: record ``train_grad_cosine`` per epoch, the mean cosine similarity
+            between the primary and auxiliary gradients on the shared parameters (one
+            extra backward per step; see ``AuxiliaryLabeler(diagnostics=True)``).
         seed: seed of the initialisation, batch order, augmentation and random labels.
         data_seed: seed of the training subset (kept fixed across seeds by default, so every
             seed and method sees the same images) and of the digits split.
@@ -214,6 +217,7 @@ class RunConfig:
     meta_fraction: float = 0.1
     aux_weight: float = 1.0
     entropy_weight: float = 0.2
+    diagnostics: bool = False
     seed: int = 0
     data_seed: int = 0
     train_subset: Optional[Union[int, float]] = None
@@ -1205,6 +1209,7 @@ def _train(
         entropy_weight=cfg.entropy_weight,
         meta=cfg.meta,
         meta_every=cfg.meta_every,
+        diagnostics=cfg.diagnostics,
     ).to(device)
     opt = _make_optimizer(
         cfg.optimizer, labeler.model_parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
@@ -1256,6 +1261,7 @@ def _train(
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "primary_loss": 0.0, "aux_loss": 0.0}
         correct = seen = meta_updates = 0
+        cosines: list[float] = []
         bar = tqdm(
             _with_meta_batches(_batches(data, cfg, epoch, device), data, cfg, epoch, device),
             total=steps,
@@ -1275,6 +1281,8 @@ def _train(
             correct += int((out["logits"].argmax(1) == y).sum())
             seen += b
             meta_updates += int(out["meta_updated"])
+            if out.get("grad_cosine") is not None:
+                cosines.append(float(out["grad_cosine"]))
             bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
         bar.close()
         train_time = time.perf_counter() - t0
@@ -1296,6 +1304,8 @@ def _train(
             "eval_time_s": time.perf_counter() - t0 - train_time,
             "meta_updates": meta_updates,
         }
+        if cosines:
+            record["train_grad_cosine"] = sum(cosines) / len(cosines)
         history.append(record)
         logger.info(
             "%s seed %d epoch %d/%d: loss %.4f (primary %.4f, aux %.4f), train acc %.4f, "
@@ -1479,15 +1489,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _curves(runs: Sequence[dict[str, Any]]) -> dict[str, list[list[float]]]:
+def _curves(
+    runs: Sequence[dict[str, Any]], key: str = "test_accuracy"
+) -> dict[str, list[list[float]]]:
     curves: dict[str, list[list[float]]] = {}
     for r in runs:
-        key = (
-            "val_accuracy"
-            if r["history"] and "val_accuracy" in r["history"][0]
-            else "test_accuracy"
-        )
-        curves.setdefault(r["label"], []).append([h[key] for h in r["history"]])
+        k = key
+        if k == "test_accuracy" and r["history"] and "val_accuracy" in r["history"][0]:
+            k = "val_accuracy"  # with a validation split the test set is evaluated once
+        if r["history"] and all(k in h for h in r["history"]):
+            curves.setdefault(r["label"], []).append([h[k] for h in r["history"]])
     return curves
 
 
@@ -1563,7 +1574,15 @@ def run_sweep(
         (out / "results.md").write_text("\n".join(md))
         from .plots import plot_accuracy
 
-        plot_accuracy(_curves(runs), out / "accuracy.png", title=title)
+        cosines = _curves(runs, "train_grad_cosine")
+        has_val = any(r["history"] and "val_accuracy" in r["history"][0] for r in runs)
+        plot_accuracy(
+            _curves(runs),
+            out / "accuracy.png",
+            title=title,
+            grad_cosine=cosines or None,
+            ylabel="validation accuracy (%)" if has_val else "test accuracy (%)",
+        )
         _plot_maxl(runs, out)
     return result
 

@@ -4,10 +4,13 @@ Everything the library computes is recomputed here from scratch with explicit pa
 tensors: a hand-written functional forward of the model (batch-statistics BatchNorm), a
 hand-written masked softmax and losses, hand-written optimiser formulas with their own
 state (momentum buffers, Adam moments, step count) and plain autograd double backward.
-Two consecutive steps are compared so that the optimiser state matters.
+Consecutive steps are compared so that the optimiser state matters (seven for RAdam, whose
+rectified update starts at step 6).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -25,6 +28,37 @@ TOL = dict(rtol=1e-6, atol=1e-9)
 
 # name -> (torch optimiser, oracle kind, hyper-parameters, zero the first input feature)
 CASES = {
+    "adam_amsgrad": (torch.optim.Adam, "adam", dict(lr=1e-2, weight_decay=1e-3, amsgrad=True), 0),
+    "rmsprop": (torch.optim.RMSprop, "rmsprop", dict(lr=1e-2, weight_decay=1e-3), 0),
+    "rmsprop_centered_momentum": (
+        torch.optim.RMSprop,
+        "rmsprop",
+        dict(lr=1e-2, alpha=0.9, centered=True, momentum=0.9),
+        1,
+    ),
+    "adagrad": (
+        torch.optim.Adagrad,
+        "adagrad",
+        dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1, weight_decay=1e-3),
+        0,
+    ),
+    "adagrad_zero_grad": (torch.optim.Adagrad, "adagrad", dict(lr=0.1), 1),
+    "nadam": (torch.optim.NAdam, "nadam", dict(lr=1e-2, weight_decay=1e-3), 0),
+    "nadam_decoupled": (
+        torch.optim.NAdam,
+        "nadam",
+        dict(lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True, momentum_decay=0.05),
+        1,
+    ),
+    "radam": (torch.optim.RAdam, "radam", dict(lr=1e-2, weight_decay=1e-3), 0),
+    "radam_decoupled": (
+        torch.optim.RAdam,
+        "radam",
+        dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, decoupled_weight_decay=True),
+        1,
+    ),
+    "adamax": (torch.optim.Adamax, "adamax", dict(lr=1e-2, weight_decay=1e-3), 0),
+    "adamax_zero_grad": (torch.optim.Adamax, "adamax", dict(lr=1e-2, betas=(0.5, 0.9)), 1),
     "sgd_momentum": (torch.optim.SGD, "sgd", dict(lr=0.1, momentum=0.9, weight_decay=1e-3), 0),
     "sgd_nesterov": (
         torch.optim.SGD,
@@ -83,6 +117,94 @@ def safe_sqrt(v):
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), 0.0 * v)
 
 
+def rmsprop(hp, p, g, st):
+    """RMSprop (Hinton), centered (Graves 2013) and with momentum, as torch.optim defines it."""
+    lr, alpha, eps, mom = (
+        hp["lr"],
+        hp.get("alpha", 0.99),
+        hp.get("eps", 1e-8),
+        hp.get("momentum", 0),
+    )
+    g = g + hp.get("weight_decay", 0.0) * p
+    st = st or {"v": torch.zeros_like(p), "gbar": torch.zeros_like(p), "buf": torch.zeros_like(p)}
+    v = alpha * st["v"] + (1 - alpha) * g * g
+    gbar = alpha * st["gbar"] + (1 - alpha) * g
+    denom = safe_sqrt(v - gbar * gbar if hp.get("centered") else v) + eps
+    buf = mom * st["buf"] + g / denom
+    return p - lr * (buf if mom > 0 else g / denom), {"v": v, "gbar": gbar, "buf": buf}
+
+
+def adagrad(hp, p, g, st):
+    """Adagrad (Duchi et al. 2011) with torch.optim's lr_decay and initial accumulator."""
+    k = 1 if st is None else st["step"] + 1
+    g = g + hp.get("weight_decay", 0.0) * p
+    s0 = torch.full_like(p, hp.get("initial_accumulator_value", 0.0)) if st is None else st["s"]
+    s = s0 + g * g
+    clr = hp["lr"] / (1 + (k - 1) * hp.get("lr_decay", 0.0))
+    return p - clr * g / (safe_sqrt(s) + hp.get("eps", 1e-10)), {"step": k, "s": s}
+
+
+def _moments(hp, p, g, st):
+    b1, b2 = hp.get("betas", (B1, B2))
+    k = 1 if st is None else st["step"] + 1
+    m0 = torch.zeros_like(p) if st is None else st["m"]
+    v0 = torch.zeros_like(p) if st is None else st["v"]
+    return b1, b2, k, b1 * m0 + (1 - b1) * g, b2 * v0 + (1 - b2) * g * g
+
+
+def _decay(hp, p, g):
+    lr, wd = hp["lr"], hp.get("weight_decay", 0.0)
+    return (p * (1 - lr * wd), g) if hp.get("decoupled_weight_decay") else (p, g + wd * p)
+
+
+def nadam(hp, p, g, st):
+    """NAdam (Dozat 2016) with the momentum-decay schedule mu_t = b1 (1 - 0.96^(t psi) / 2)."""
+    lr, eps, psi = hp["lr"], hp.get("eps", 1e-8), hp.get("momentum_decay", 4e-3)
+    p, g = _decay(hp, p, g)
+    b1, b2, k, m, v = _moments(hp, p, g, st)
+    mu_t = b1 * (1 - 0.5 * 0.96 ** (k * psi))
+    mu_next = b1 * (1 - 0.5 * 0.96 ** ((k + 1) * psi))
+    prod = (1.0 if st is None else st["prod"]) * mu_t
+    denom = safe_sqrt(v / (1 - b2**k)) + eps
+    new = (
+        p
+        - lr * (1 - mu_t) / (1 - prod) * g / denom
+        - lr * mu_next / (1 - prod * mu_next) * m / denom
+    )
+    return new, {"step": k, "m": m, "v": v, "prod": prod}
+
+
+def radam(hp, p, g, st):
+    """RAdam (Liu et al. 2020): Adam with the variance rectification once rho_t > 5."""
+    lr, eps = hp["lr"], hp.get("eps", 1e-8)
+    p, g = _decay(hp, p, g)
+    b1, b2, k, m, v = _moments(hp, p, g, st)
+    mhat = m / (1 - b1**k)
+    rho_inf = 2 / (1 - b2) - 1
+    rho = rho_inf - 2 * k * b2**k / (1 - b2**k)
+    if rho > 5:
+        r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        new = p - lr * mhat * r * math.sqrt(1 - b2**k) / (safe_sqrt(v) + eps)
+    else:
+        new = p - lr * mhat
+    return new, {"step": k, "m": m, "v": v}
+
+
+def adamax(hp, p, g, st):
+    """Adamax (Kingma & Ba 2015, section 7): the infinity-norm variant of Adam."""
+    b1, b2 = hp.get("betas", (B1, B2))
+    k = 1 if st is None else st["step"] + 1
+    g = g + hp.get("weight_decay", 0.0) * p
+    m = b1 * (torch.zeros_like(p) if st is None else st["m"]) + (1 - b1) * g
+    u0 = torch.zeros_like(p) if st is None else st["u"]
+    u = torch.maximum(b2 * u0, g.abs() + hp.get("eps", 1e-8))
+    return p - hp["lr"] / (1 - b1**k) * m / u, {"step": k, "m": m, "u": u}
+
+
+FORMULAS = {"rmsprop": rmsprop, "adagrad": adagrad, "nadam": nadam, "radam": radam}
+FORMULAS["adamax"] = adamax
+
+
 class OracleOpt:
     """torch.optim update formulas written out, with their own state."""
 
@@ -94,7 +216,9 @@ class OracleOpt:
         out = {}
         for n, p in theta.items():
             g, st = grads[n], self.state.get(n)
-            if self.kind == "sgd":
+            if self.kind in FORMULAS:
+                out[n], new_st = FORMULAS[self.kind](self.hp, p, g, st)
+            elif self.kind == "sgd":
                 mom, damp = self.hp.get("momentum", 0.0), self.hp.get("dampening", 0.0)
                 d = g + wd * p
                 buf = d if st is None else mom * st["buf"] + (1 - damp) * d
@@ -110,9 +234,12 @@ class OracleOpt:
                     base = p * (1 - lr * wd)
                 m = B1 * m0 + (1 - B1) * g
                 v = B2 * v0 + (1 - B2) * g * g
-                mhat, vhat = m / (1 - B1**k), v / (1 - B2**k)
+                vmax = v
+                if self.hp.get("amsgrad"):
+                    vmax = torch.maximum(v, torch.zeros_like(p) if st is None else st["vmax"])
+                mhat, vhat = m / (1 - B1**k), vmax / (1 - B2**k)
                 out[n] = base - lr * mhat / (safe_sqrt(vhat) + ADAM_EPS)
-                new_st = {"step": k, "m": m, "v": v}
+                new_st = {"step": k, "m": m, "v": v, "vmax": vmax}
             if commit:
                 self.state[n] = {
                     k_: v_.detach() if torch.is_tensor(v_) else v_ for k_, v_ in new_st.items()
@@ -132,6 +259,13 @@ def oracle_step(theta, phi, bn, opt, x, y, meta=None):
     lp = primary_ce(zp, y)
     la = -(t * F.log_softmax(za, dim=1)).sum(1).mean()
     lmt = lp + AUX_W * la
+    # the paper's gradient-similarity analysis: both losses' gradients on the parameters
+    # they share (the backbone: first Linear and BatchNorm), each from its own backward
+    shared = [th[n] for n in ("0.weight", "0.bias", "1.weight", "1.bias")]
+    grad_cosine = cosine(
+        torch.autograd.grad(lp, shared, retain_graph=True),
+        torch.autograd.grad(la, shared, retain_graph=True),
+    )
     names = list(th)
     grads = torch.autograd.grad(lmt, [th[n] for n in names], create_graph=True)
     G = dict(zip(names, grads))
@@ -163,11 +297,12 @@ def oracle_step(theta, phi, bn, opt, x, y, meta=None):
         G=G,
         losses=losses,
         logits=zp.detach(),
+        grad_cosine=grad_cosine,
     )
 
 
 # ----------------------------------------------------------------------------- helpers
-def build(meta, zero_col):
+def build(meta, zero_col, steps=2, **options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
     gen = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 9)).double()
@@ -179,9 +314,10 @@ def build(meta, zero_col):
         aux_weight=AUX_W,
         entropy_weight=ENT_W,
         meta=meta,
+        **options,
     )
     batches = []
-    for _ in range(2):
+    for _ in range(steps):
         x = torch.randn(12, 6) * 1.5
         x[:, 0] *= 1 - zero_col
         batches.append((x, torch.arange(12)[torch.randperm(12)] % 3))
@@ -216,7 +352,7 @@ def cosine(a, b):
 @pytest.mark.parametrize("case", list(CASES))
 def test_second_order_step_matches_oracle(case):
     opt_cls, kind, hp, zero_col = CASES[case]
-    model, gen, labeler, batches = build("second_order", zero_col)
+    model, gen, labeler, batches = build("second_order", zero_col, 7 if kind == "radam" else 2)
     check_wiring(model, gen, labeler)
     opt = opt_cls(labeler.model_parameters(), **hp)
     gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
@@ -318,3 +454,52 @@ def test_meta_batch_errors():
         labeler.step(x, y, opt, gen_opt, meta_batch=(x[:, :4], y))
     with pytest.raises(ValueError, match="meta_batch: x and y must have the same batch size"):
         labeler.step(x, y, opt, gen_opt, meta_batch=(x, y[:3]))
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum", "adam"])
+def test_grad_cosine_diagnostic_matches_oracle_and_leaves_the_step_unchanged(case):
+    opt_cls, kind, hp, zero_col = CASES[case]
+    model, gen, labeler, batches = build("second_order", zero_col, 3, diagnostics=True)
+    opt = opt_cls(labeler.model_parameters(), **hp)
+    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
+    oracle = OracleOpt(kind, hp)
+    theta, bn = lib_theta(model, labeler), lib_bn(model)
+    phi = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    cosines = []
+    for step, (x, y) in enumerate(batches):
+        ref = oracle_step(theta, phi, bn, oracle, x, y)
+        out = labeler.step(x, y, opt, gen_opt)
+        got = float(out["grad_cosine"])
+        assert got == pytest.approx(ref["grad_cosine"], rel=1e-9, abs=1e-12), f"step {step}"
+        cosines.append(got)
+        for n, p in gen.named_parameters():
+            torch.testing.assert_close(p.detach(), ref["phi"][n], **TOL, msg=f"phi {n}")
+        for n, v in lib_theta(model, labeler).items():
+            torch.testing.assert_close(v, ref["theta"][n], **TOL, msg=f"theta {n}")
+        theta, phi, bn = ref["theta"], ref["phi"], ref["bn"]
+    assert len(set(cosines)) == 3 and all(-1 <= c <= 1 for c in cosines)
+
+
+def test_grad_cosine_costs_one_backward_when_enabled_and_none_when_disabled(monkeypatch):
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(1)
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    counts = {}
+    for diagnostics in (False, True):
+        model, gen, labeler, (b1, b2) = build("second_order", 0, diagnostics=diagnostics)
+        opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
+        gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
+        calls.clear()
+        out = labeler.step(*b1, opt)  # no meta step: only the multi-task backward
+        counts[diagnostics, "plain"] = len(calls)
+        assert ("grad_cosine" in out) is diagnostics
+        calls.clear()
+        labeler.step(*b2, opt, gen_opt)
+        counts[diagnostics, "meta"] = len(calls)
+    assert counts[False, "plain"] == 1 and counts[True, "plain"] == 2
+    assert counts[True, "meta"] == counts[False, "meta"] + 1

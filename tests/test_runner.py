@@ -162,3 +162,29 @@ def test_sweep_writes_summary(tmp_path: Path) -> None:
     assert summarize(res["runs"])[0]["accuracy_std"] >= 0
     with pytest.raises(ValueError, match="repeat"):
         run_sweep(TINY, ["maxl", "maxl-copy"], [0])
+
+
+def test_diagnostics_records_grad_cosine_per_epoch_and_plots_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import auxgen.plots
+    from auxgen.cli import main
+
+    drawn: dict = {}
+    real_plot = auxgen.plots.plot_accuracy
+
+    def spy(curves, path, title=None, **kwargs):
+        drawn.update(kwargs)
+        real_plot(curves, path, title, **kwargs)
+
+    monkeypatch.setattr(auxgen.plots, "plot_accuracy", spy)
+    argv = ["run", "--dataset", "digits", "--methods", "single", "maxl-head", "--seeds", "0"]
+    argv += ["--smoke", "--threads", "1", "--no-progress", "-q", "--diagnostics"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    history = {r["label"]: r["history"] for r in res["runs"]}
+    assert "train_grad_cosine" not in history["single"][0]  # no auxiliary loss: undefined
+    cosine = history["maxl-head"][0]["train_grad_cosine"]
+    assert -1.0 <= cosine <= 1.0 and cosine != 0.0
+    assert drawn["grad_cosine"] == {"maxl-head": [[cosine]]}
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
