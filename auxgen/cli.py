@@ -63,6 +63,13 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _positive_float(text: str) -> float:
+    v = _float(text)
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     # Also accepted after the subcommand; SUPPRESS keeps the top-level value otherwise.
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
@@ -185,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-resume", dest="resume", action="store_const", const=False)
     g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
+    g.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for the others before failing (600)",
+    )
     g.add_argument("--smoke", action="store_true", help="a seconds-long run")
     _add_common(run)
     run.set_defaults(func=_cmd_run)
@@ -287,7 +300,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for m in args.methods:
         check_config(dataclasses.replace(base, method=parse_method(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"
-    _init_distributed()
+    _init_distributed(args.dist_timeout)
     result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
     from .runner import is_main_process
 
@@ -297,12 +310,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init_distributed() -> None:
+def _init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), if any.
 
     ``AuxiliaryLabeler.step`` then averages gradients across ranks, the runner shards every
     epoch across them and rank 0 writes the outputs.
+
+    The process group's keys live under a prefix unique to the ``torchrun`` attempt
+    (``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_RESTART_COUNT``). torchrun's c10d rendezvous
+    serves every attempt from one key-value store, and ``init_process_group`` publishes each
+    rank's gloo address there under fixed names; after a restart, a worker that read its
+    peer's entry before the peer had overwritten it dialled the dead attempt's port
+    ("Gloo connectFullMesh failed ... Connection refused") or waited on stale barrier
+    counters. Collectives time out after ``timeout_s`` seconds, so a rank whose peer stops
+    answering raises instead of waiting forever (and torchrun restarts the group).
     """
+    import datetime
     import os
 
     import torch
@@ -310,11 +333,18 @@ def _init_distributed() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    store = dist.PrefixStore(f"auxgen/{run_id}/attempt{attempt}", store)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        backend = "nccl"
     else:
-        dist.init_process_group("gloo")
+        backend = "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    logger.debug("%s process group: rank %d of %d, attempt %s", backend, rank, world, attempt)
 
 
 def _finish_distributed() -> None:
