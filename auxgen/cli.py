@@ -10,8 +10,9 @@ Examples::
 
 Bad input (a missing or malformed ``--data-dir``, an unknown backbone, ``--psi`` or levels
 that do not fit the dataset, ...) ends with a one-line ``auxgen: error: ...`` on stderr and
-exit status 2. Progress bars (tqdm) and log lines go to stderr; the results table goes to
-stdout.
+exit status 2; a checkpoint that cannot be written (a full disk) ends with one line naming the
+file and the cause, and exit status 1. Progress bars (tqdm) and log lines go to stderr; the
+results table goes to stdout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+from .checkpoint import CheckpointWriteError
 from .labeler import NonFiniteError
 
 __all__ = ["main", "build_parser"]
@@ -301,11 +303,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_config(dataclasses.replace(base, method=parse_method(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"
     _init_distributed(args.dist_timeout)
-    result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
-    from .runner import is_main_process
+    try:
+        result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
+        from .runner import is_main_process
 
-    if is_main_process():
-        _report(result, out)
+        if is_main_process():
+            _report(result, out)
+    except BaseException:
+        _finish_distributed(wait=False)
+        raise
     _finish_distributed()
     return 0
 
@@ -347,12 +353,14 @@ def _init_distributed(timeout_s: float = 600.0) -> None:
     logger.debug("%s process group: rank %d of %d, attempt %s", backend, rank, world, attempt)
 
 
-def _finish_distributed() -> None:
-    """Wait for every rank, then tear the process group down (no-op without one)."""
+def _finish_distributed(wait: bool = True) -> None:
+    """Wait for every rank (unless ``wait`` is false: on an error), then tear the process group
+    down (no-op without one)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -367,8 +375,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 on bad input (one-line message on stderr), 1 when training diverges,
-        130 on Ctrl-C.
+        0 on success, 2 on bad input (one-line message on stderr), 1 when training diverges
+        or a checkpoint cannot be written (one line naming the file and the cause), 130 on
+        Ctrl-C.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -385,6 +394,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with logging_redirect_tqdm():
             return int(args.func(args))
+    except CheckpointWriteError as e:
+        print(f"auxgen: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"auxgen: error: {_one_line(e)}", file=sys.stderr)
         return 2
