@@ -431,6 +431,8 @@ def test_buffers_average_is_mean_of_ranks(ranks: list[dict[str, Any]]) -> None:
             else:
                 assert torch.equal(got[k], own0[k]), k
     _assert_same(r0["f_average"]["buffers"], r1["f_average"]["buffers"])
+    for r in ranks:  # running statistics do not enter training-mode steps
+        _assert_same(r["f_average"]["params"], r0["f_local"]["params"])
     assert torch.equal(r0["f_average"]["logits"], r1["f_average"]["logits"])
 
 

@@ -16,6 +16,7 @@ import errno
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +154,18 @@ def test_killed_rank_restarts_and_ends_identical(tmp_path: Path) -> None:
     """SIGKILL rank 1 mid-epoch under ``torchrun --max-restarts 1``: the job restarts, resumes
     from the last checkpoint and ends bit-identical to an uninterrupted job."""
     kw: dict[str, Any] = {"epochs": 4, "train_subset": 3, "timeout": 280.0}
-    ref = fault_restart.run_job(tmp_path / "reference", **kw)
+    with ThreadPoolExecutor(1) as pool:  # the reference job runs alongside the killed one
+        reference = pool.submit(fault_restart.run_job, tmp_path / "reference", **kw)
+        job = fault_restart.run_job(tmp_path / "killed", kill_rank=1, **kw)
+        ref = reference.result()
     assert ref["returncode"] == 0, ref["log"][-3000:]
-    job = fault_restart.run_job(tmp_path / "killed", kill_rank=1, **kw)
     assert job["killed_at_epoch"] is not None, job["log"][-3000:]
     assert job["returncode"] == 0, job["log"][-3000:]
     assert "Connection refused" not in job["log"]
     got = fault_restart.final_state(tmp_path / "killed")
     want = fault_restart.final_state(tmp_path / "reference")
-    assert got["results"]["resumed_from_epoch"] == job["killed_at_epoch"] >= 1
+    # the survivor may still finish its epoch and checkpoint before torchrun stops it
+    assert 1 <= job["killed_at_epoch"] <= got["results"]["resumed_from_epoch"] < kw["epochs"]
     assert want["results"]["resumed_from_epoch"] is None
     assert fault_restart.same_run(got, want) == []
     assert got["checkpoint"]["epoch"] == 4
