@@ -8,6 +8,9 @@
 * ``torchrun --max-restarts 1``: SIGKILL one worker mid-epoch after a checkpoint exists; the
   job restarts, resumes and ends bit-identical to an uninterrupted job
   (``benchmarks/fault_restart.py``, which repeats this N times).
+* The root cause, deterministically and without torchrun: two attempts against one shared
+  store (as torchrun's agent serves them), the second with a late rank 1; without a
+  per-attempt prefix rank 0 dials rank 1's dead attempt-0 port ("Connection refused").
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -169,3 +173,60 @@ def test_killed_rank_restarts_and_ends_identical(tmp_path: Path) -> None:
     assert want["results"]["resumed_from_epoch"] is None
     assert fault_restart.same_run(got, want) == []
     assert got["checkpoint"]["epoch"] == 4
+
+
+def _join_attempt(rank: int, env: dict[str, str], delay: float, result: str) -> None:
+    """A spawned worker of one torchrun attempt: join the group, all-reduce, leave."""
+    os.environ.update(env)
+    time.sleep(delay)
+    import torch.distributed as dist
+
+    from auxgen.cli import _finish_distributed, _init_distributed
+
+    try:
+        _init_distributed(timeout_s=30)
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t)
+        _finish_distributed()
+        Path(result).write_text(f"ok {t.item():g}")
+    except Exception as e:
+        Path(result).write_text(f"failed {type(e).__name__}: {e}")
+
+
+def test_restarted_attempt_ignores_the_dead_attempts_keys(tmp_path: Path) -> None:
+    """The root cause of failed torchrun restarts, without torchrun.
+
+    torchrun's agent serves all attempts from one store; attempt 0 leaves its gloo addresses
+    there. In attempt 1 rank 1 comes up late, so rank 0 would read rank 1's attempt-0 address
+    (a dead port) unless the attempt's keys are separate.
+    """
+    import torch.multiprocessing as mp
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    for attempt, delays in ((0, (0.0, 0.0)), (1, (0.0, 3.0))):
+        procs = []
+        for rank in range(2):
+            env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(store.port),
+                "WORLD_SIZE": "2",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "TORCHELASTIC_RUN_ID": "test",
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+            }
+            result = str(tmp_path / f"a{attempt}r{rank}")
+            procs.append(ctx.Process(target=_join_attempt, args=(rank, env, delays[rank], result)))
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        got = [(tmp_path / f"a{attempt}r{r}").read_text() for r in range(2)]
+        assert got == ["ok 3", "ok 3"], f"attempt {attempt}: {got}"
