@@ -13,7 +13,7 @@ final accuracy and final parameters (``checkpoint.pt``) equal those of one unint
 reference job with the same arguments. Prints one line per try and a final count::
 
     python benchmarks/fault_restart.py --tries 10
-    python benchmarks/fault_restart.py --tries 3 --epochs 8 --kill-rank 0 --out /tmp/faults
+    python benchmarks/fault_restart.py --tries 3 --epochs 8 --kill-rank 0 --out runs/faults
 
 Only for Linux (it reads ``/proc`` to find the workers).
 """
