@@ -22,17 +22,25 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "TEMP_PREFIX"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "CheckpointWriteError",
+    "TEMP_PREFIX",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,29 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Prefix of the temporary files :func:`save_checkpoint` writes next to the target.
 TEMP_PREFIX = ".tmp-ckpt-"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, no permission, ...); the previous one is kept.
+
+    An :class:`OSError` with the original ``errno``, ``strerror`` and ``filename`` (the
+    checkpoint's path); the original exception is its ``__cause__``.
+
+    Example:
+        >>> import errno, os
+        >>> e = CheckpointWriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), "run/ckpt.pt")
+        >>> print(str(e).replace("; ", ";\\n"))
+        cannot write checkpoint run/ckpt.pt: No space left on device (ENOSPC);
+        the previous checkpoint is unchanged
+    """
+
+    def __str__(self) -> str:
+        code = errno.errorcode.get(self.errno, "") if isinstance(self.errno, int) else ""
+        cause = f"{self.strerror} ({code})" if code else f"{self.strerror}"
+        return (
+            f"cannot write checkpoint {self.filename}: {cause}; the previous checkpoint is "
+            "unchanged"
+        )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -61,7 +92,7 @@ def save_checkpoint(path: PathLike, **state: Any) -> None:
 
     The state is written to a temporary file in the same folder (same filesystem), fsynced and
     then moved over ``path`` with :func:`os.replace`. If anything fails, the temporary file is
-    removed and ``path`` is left untouched.
+    removed and ``path`` is left untouched (a full disk mid-write loses nothing).
 
     Args:
         path: the checkpoint file; its folder is created if needed.
@@ -69,6 +100,11 @@ def save_checkpoint(path: PathLike, **state: Any) -> None:
             tuples, strings, ints, floats, booleans and ``None`` (``state_dict()`` of modules,
             ``torch.optim`` optimisers and LR schedulers qualify; use :func:`rng_state` for
             RNG states).
+
+    Raises:
+        CheckpointWriteError: if the folder cannot be created or the file cannot be written,
+            flushed or renamed (``errno.ENOSPC`` on a full disk); ``path`` still holds the
+            previous checkpoint, if there was one, and no temporary file is left behind.
 
     Example:
         >>> import tempfile, os, torch
@@ -78,18 +114,23 @@ def save_checkpoint(path: PathLike, **state: Any) -> None:
         ['step', 'w']
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=target.parent)
-    tmp = Path(tmp_name)
+    tmp: Optional[Path] = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=target.parent)
+        tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; give it an ordinary file's mode
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            err = CheckpointWriteError(e.errno, e.strerror or str(e), str(target))
+            raise err from e
         raise
     _fsync_dir(target.parent)
     logger.debug("saved checkpoint %s", target)

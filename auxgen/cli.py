@@ -10,8 +10,9 @@ Examples::
 
 Bad input (a missing or malformed ``--data-dir``, an unknown backbone, ``--psi`` or levels
 that do not fit the dataset, ...) ends with a one-line ``auxgen: error: ...`` on stderr and
-exit status 2. Progress bars (tqdm) and log lines go to stderr; the results table goes to
-stdout.
+exit status 2; a checkpoint that cannot be written (a full disk) ends with one line naming the
+file and the cause, and exit status 1. Progress bars (tqdm) and log lines go to stderr; the
+results table goes to stdout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
 
+from .checkpoint import CheckpointWriteError
 from .labeler import NonFiniteError
 
 __all__ = ["main", "build_parser"]
@@ -85,6 +87,13 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    v = _float(text)
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -238,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-resume", dest="resume", action="store_const", const=False)
     g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
+    g.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for the others before failing (600)",
+    )
     g.add_argument("--smoke", action="store_true", help="a seconds-long run")
     _add_common(run)
     run.set_defaults(func=_cmd_run)
@@ -344,22 +359,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for m in args.methods:
         check_config(dataclasses.replace(base, method=parse_variant(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"
-    _init_distributed()
-    result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
-    from .runner import is_main_process
+    _init_distributed(args.dist_timeout)
+    try:
+        result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
+        from .runner import is_main_process
 
-    if is_main_process():
-        _report(result, out)
+        if is_main_process():
+            _report(result, out)
+    except BaseException:
+        _finish_distributed(wait=False)
+        raise
     _finish_distributed()
     return 0
 
 
-def _init_distributed() -> None:
+def _init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1), if any.
 
     ``AuxiliaryLabeler.step`` then averages gradients across ranks, the runner shards every
     epoch across them and rank 0 writes the outputs.
+
+    The process group's keys live under a prefix unique to the ``torchrun`` attempt
+    (``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_RESTART_COUNT``). torchrun's c10d rendezvous
+    serves every attempt from one key-value store, and ``init_process_group`` publishes each
+    rank's gloo address there under fixed names; after a restart, a worker that read its
+    peer's entry before the peer had overwritten it dialled the dead attempt's port
+    ("Gloo connectFullMesh failed ... Connection refused") or waited on stale barrier
+    counters. Collectives time out after ``timeout_s`` seconds, so a rank whose peer stops
+    answering raises instead of waiting forever (and torchrun restarts the group).
     """
+    import datetime
     import os
 
     import torch
@@ -367,19 +396,28 @@ def _init_distributed() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    store = dist.PrefixStore(f"auxgen/{run_id}/attempt{attempt}", store)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        backend = "nccl"
     else:
-        dist.init_process_group("gloo")
+        backend = "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    logger.debug("%s process group: rank %d of %d, attempt %s", backend, rank, world, attempt)
 
 
-def _finish_distributed() -> None:
-    """Wait for every rank, then tear the process group down (no-op without one)."""
+def _finish_distributed(wait: bool = True) -> None:
+    """Wait for every rank (unless ``wait`` is false: on an error), then tear the process group
+    down (no-op without one)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -394,8 +432,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 on bad input (one-line message on stderr), 1 when training diverges,
-        130 on Ctrl-C.
+        0 on success, 2 on bad input (one-line message on stderr), 1 when training diverges
+        or a checkpoint cannot be written (one line naming the file and the cause), 130 on
+        Ctrl-C.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -412,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with logging_redirect_tqdm():
             return int(args.func(args))
+    except CheckpointWriteError as e:
+        print(f"auxgen: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"auxgen: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 GENERATORS = ("copy", "head")
 NONFINITE = ("raise", "skip")
+BUFFER_MODES = ("broadcast", "average", "local")
 
 
 class NonFiniteError(FloatingPointError):
@@ -107,6 +108,14 @@ class AuxiliaryLabeler(nn.Module):
             similarity between the primary-loss and the auxiliary-loss gradients on the
             shared parameters (the model's, less its classifier), at the cost of one extra
             backward of the primary loss per step; nothing is computed when ``False``.
+        buffers: how buffers (BatchNorm running statistics, ...) of the model, auxiliary head
+            and generator agree across ranks after each step: ``"broadcast"`` (default)
+            copies the group's first rank's buffers to every rank, as
+            ``DistributedDataParallel(broadcast_buffers=True)`` does; ``"average"`` sets
+            floating-point buffers to their mean over the ranks (others are broadcast);
+            ``"local"`` leaves each rank with its own. A model holding
+            ``nn.SyncBatchNorm`` must run on GPUs: on the CPU, :meth:`step` raises
+            ``ValueError`` inside a process group.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -145,6 +154,7 @@ class AuxiliaryLabeler(nn.Module):
         process_group: Optional[Any] = None,
         lookahead: str = "exact",
         diagnostics: bool = False,
+        buffers: str = "broadcast",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -159,6 +169,8 @@ class AuxiliaryLabeler(nn.Module):
             raise TypeError(f"diagnostics must be a bool, got {type(diagnostics).__name__}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"meta_every must be a positive int, got {meta_every!r}")
         for name, val in (("aux_weight", aux_weight), ("entropy_weight", entropy_weight)):
@@ -203,6 +215,7 @@ class AuxiliaryLabeler(nn.Module):
         self.lookahead = lookahead
         self.diagnostics = diagnostics
         self._approximated: set[type] = set()
+        self.buffer_sync = buffers
         self.classifier_name = cls_name
         self.feature_dim = dim
 
@@ -435,19 +448,69 @@ class AuxiliaryLabeler(nn.Module):
             return 1
         return dist.get_world_size(self.process_group)
 
-    def broadcast_state(self, src: int = 0) -> None:
+    def broadcast_state(self, src: Optional[int] = None) -> None:
         """Copy rank ``src``'s parameters and buffers to every rank.
 
         :meth:`step` calls it once, on the first step taken with world size > 1 (as
         ``DistributedDataParallel`` does at construction); call it again after loading a
         checkpoint on one rank only. A no-op without a process group.
+
+        Args:
+            src: global rank to copy from (default: the first rank of ``process_group``,
+                rank 0 for the world).
         """
         if self._world() == 1:
             return
+        src = self._group_src() if src is None else src
         with torch.no_grad():
             for t in [*self.parameters(), *self.buffers()]:
                 dist.broadcast(t.data, src=src, group=self.process_group)
         self._synced = True
+
+    def _group_src(self) -> int:
+        """Global rank of the process group's first member (the source of broadcasts)."""
+        if self.process_group is None:
+            return 0
+        return dist.get_global_rank(self.process_group, 0)
+
+    def sync_buffers(self) -> None:
+        """Make the buffers agree across ranks as ``buffers=`` says (``step`` calls it).
+
+        ``"broadcast"``: every rank receives the buffers of the process group's first rank;
+        ``"average"``: floating-point buffers become their mean over the ranks and the others
+        (such as BatchNorm's ``num_batches_tracked``) are broadcast; ``"local"``: nothing.
+        One collective per buffer dtype. A no-op without a process group; like :meth:`step`,
+        every rank of the group must call it.
+        """
+        if self.buffer_sync == "local" or self._world() == 1:
+            return
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for b in self.buffers():
+            by_dtype.setdefault((b.dtype, b.device), []).append(b)
+        with torch.no_grad():
+            for (dtype, _), bufs in by_dtype.items():
+                flat = torch.cat([b.reshape(-1) for b in bufs])
+                if self.buffer_sync == "average" and dtype.is_floating_point:
+                    dist.all_reduce(flat, group=self.process_group)
+                    flat /= self._world()
+                else:
+                    dist.broadcast(flat, src=self._group_src(), group=self.process_group)
+                offset = 0
+                for b in bufs:
+                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
+    def _check_sync_batchnorm(self, x: Tensor) -> None:
+        """``nn.SyncBatchNorm`` needs GPUs inside a process group: say so before a step."""
+        if x.device.type != "cpu" or not (dist.is_available() and dist.is_initialized()):
+            return
+        for name, m in self.named_modules():
+            if isinstance(m, nn.SyncBatchNorm):
+                raise ValueError(
+                    f"'{name}' is an nn.SyncBatchNorm, which PyTorch runs only on GPUs, but the "
+                    "batch is on the CPU; use nn.BatchNorm layers on the CPU (buffers="
+                    "'broadcast' or 'average' keeps their running statistics equal across ranks)"
+                )
 
     def _average(self, tensors: list[Tensor]) -> None:
         """In-place mean across ranks (one flattened all-reduce)."""
@@ -546,6 +609,7 @@ class AuxiliaryLabeler(nn.Module):
             and self.aux_weight > 0
             and self._steps % self.meta_every == 0
         )
+        self._check_sync_batchnorm(x)
         if not self._synced and self._world() > 1:
             self.broadcast_state()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -566,6 +630,7 @@ class AuxiliaryLabeler(nn.Module):
             self._restore_buffers(saved)
         else:
             self._steps += 1
+            self.sync_buffers()
         return out
 
     def _step(

@@ -58,7 +58,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CheckpointWriteError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .labeler import AuxiliaryLabeler
 
 __all__ = [
@@ -1124,6 +1130,22 @@ def _write_json(path: Path, obj: Any) -> None:
         raise
 
 
+def _share_checkpoint_failure(failure: Optional[CheckpointWriteError]) -> None:
+    """Raise rank 0's checkpoint-write error (or ``None``: return) on every rank.
+
+    Under ``torch.distributed`` only rank 0 writes; one broadcast lets all ranks stop at the
+    same epoch with the same error instead of waiting for a rank that has gone.
+    """
+    world, rank = world_and_rank()
+    if world > 1:
+        info = [None if failure is None else (failure.errno, failure.strerror, failure.filename)]
+        dist.broadcast_object_list(info, src=0)
+        if info[0] is not None and failure is None:
+            failure = CheckpointWriteError(*info[0])
+    if failure is not None:
+        raise failure
+
+
 def train(config: RunConfig) -> dict[str, Any]:
     """Train one classifier with one method and seed; return (and write) its results.
 
@@ -1150,6 +1172,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     Raises:
         ValueError: bad config values, unknown backbone, levels / psi that do not fit.
         FileNotFoundError: missing data, or ``resume=True`` without a checkpoint.
+        CheckpointWriteError: a checkpoint could not be written (e.g. a full disk); the
+            previous one is kept and training stops at that epoch.
     """
     cfg = config.validate().effective()
     t_start = time.perf_counter()
@@ -1322,20 +1346,26 @@ def _train(
             acc,
             train_time,
         )
-        if ckpt_path is not None and cfg.checkpoint and is_main_process():
-            save_checkpoint(
-                ckpt_path,
-                format=_CHECKPOINT_FORMAT,
-                fingerprint=_fingerprint(cfg),
-                epoch=epoch + 1,
-                labeler=labeler.state_dict(),
-                optimizer=opt.state_dict(),
-                gen_optimizer=gen_opt.state_dict() if gen_opt is not None else None,
-                scheduler=sched.state_dict() if sched is not None else None,
-                history=history,
-                elapsed_s=elapsed_before + time.perf_counter() - t_start,
-                rng=rng_state(),
-            )
+        if ckpt_path is not None and cfg.checkpoint:
+            failure: Optional[CheckpointWriteError] = None
+            if is_main_process():
+                try:
+                    save_checkpoint(
+                        ckpt_path,
+                        format=_CHECKPOINT_FORMAT,
+                        fingerprint=_fingerprint(cfg),
+                        epoch=epoch + 1,
+                        labeler=labeler.state_dict(),
+                        optimizer=opt.state_dict(),
+                        gen_optimizer=gen_opt.state_dict() if gen_opt is not None else None,
+                        scheduler=sched.state_dict() if sched is not None else None,
+                        history=history,
+                        elapsed_s=elapsed_before + time.perf_counter() - t_start,
+                        rng=rng_state(),
+                    )
+                except CheckpointWriteError as e:
+                    failure = e
+            _share_checkpoint_failure(failure)
 
     if eval_idx is not None or has_val:
         final_acc, final_loss = _evaluate(labeler, data, None, device)

@@ -10,7 +10,11 @@ parent compares them with each other and with single-process references computed
   and Adam over two steps, and with ``entropy_weight > 0`` it is the global meta-gradient
   plus the *average of the per-rank* entropy gradients (the documented caveat);
 * (d) ``distributed=False`` keeps the ranks independent;
-* (e) a non-finite batch on one rank raises (or skips) on every rank, without a hang.
+* (e) a non-finite batch on one rank raises (or skips) on every rank, without a hang;
+* (f) buffers (BatchNorm running statistics of the model and of the ``copy`` generator) are
+  rank 0's on every rank with ``buffers="broadcast"`` (the default), the mean of the
+  ranks' own statistics with ``"average"``, and each rank's own with ``"local"``;
+* (g) a model with ``nn.SyncBatchNorm`` on the CPU is a clear ``ValueError``.
 
 The last test runs ``examples/ddp_cifar.py --smoke`` under ``torch.distributed.run``.
 """
@@ -62,13 +66,33 @@ def _exact_labeler(entropy_weight: float, **kwargs: Any) -> AuxiliaryLabeler:
     return AuxiliaryLabeler(model, psi=PSI, generator=gen, entropy_weight=entropy_weight, **kwargs)
 
 
-def _bn_labeler(distributed: Optional[bool] = None) -> AuxiliaryLabeler:
+def _bn_labeler(distributed: Optional[bool] = None, **kwargs: Any) -> AuxiliaryLabeler:
     """A BatchNorm + dropout model with a ``copy`` generator, seeded identically."""
     torch.manual_seed(7)
     model = nn.Sequential(
         nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, len(PSI))
     )
-    return AuxiliaryLabeler(model, psi=PSI, generator="copy", distributed=distributed)
+    return AuxiliaryLabeler(model, psi=PSI, generator="copy", distributed=distributed, **kwargs)
+
+
+def _buffer_run(rank: int, mode: str) -> dict[str, Any]:
+    """Three steps on rank-specific data with ``buffers=mode``; buffers and eval logits."""
+    lab = _bn_labeler(buffers=mode)
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1, momentum=0.9)
+    gen_opt = torch.optim.SGD(lab.generator_parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(300 + rank)
+    for _ in range(3):
+        # ranks see differently scaled data, so their batch statistics really differ
+        xb = torch.randn(8, 6, generator=g) * (1 + rank) + rank
+        lab.step(xb, torch.randint(0, len(PSI), (8,), generator=g), opt, gen_opt)
+    lab.eval()
+    with torch.no_grad():
+        logits = lab(torch.linspace(-2, 2, 24).reshape(4, 6))
+    return {
+        "buffers": {k: b.clone() for k, b in lab.named_buffers()},
+        "params": _params(lab),
+        "logits": logits,
+    }
 
 
 def _params(labeler: AuxiliaryLabeler) -> dict[str, Tensor]:
@@ -167,6 +191,22 @@ def _scenarios(rank: int) -> dict[str, Any]:
         # the ranks are still in step: a finite step afterwards completes on both
         lab.step(_half(x, rank), _half(y, rank), opt)
         res[f"e_{policy}_after"] = _params(lab)
+
+    # (f) buffers across ranks: broadcast (default), average, local.
+    for mode in ("broadcast", "average", "local"):
+        res[f"f_{mode}"] = _buffer_run(rank, mode)
+
+    # (g) SyncBatchNorm cannot run on the CPU: a clear error, and nothing changes.
+    lab = _bn_labeler()
+    lab.model = nn.SyncBatchNorm.convert_sync_batchnorm(lab.model)
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    before = _params(lab)
+    try:
+        lab.step(_half(x, rank).float(), _half(y, rank), opt)
+        res["g"] = "no error"
+    except ValueError as exc:
+        res["g"] = str(exc)
+    res["g_unchanged"] = all(torch.equal(v, _params(lab)[k]) for k, v in before.items())
     return res
 
 
@@ -240,10 +280,8 @@ def test_ranks_stay_in_sync(ranks: list[dict[str, Any]]) -> None:
             assert not torch.equal(
                 p0["generator.0.weight"], r0["a"][step - 1]["generator.0.weight"]
             )
-    # BatchNorm running statistics are *not* averaged: each rank keeps its own.
-    assert not torch.equal(
-        r0["a_buffers"]["model.1.running_mean"], r1["a_buffers"]["model.1.running_mean"]
-    )
+    # buffers="broadcast" (the default): BatchNorm statistics are rank 0's on both ranks.
+    _assert_same(r0["a_buffers"], r1["a_buffers"])
 
 
 def test_first_step_broadcasts_rank0_state(ranks: list[dict[str, Any]]) -> None:
@@ -353,3 +391,70 @@ def test_ddp_example_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, log
     assert "parameters in sync across 2 ranks" in log, log
     assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_buffers_broadcast_is_rank0s(ranks: list[dict[str, Any]]) -> None:
+    """(f) default ``buffers="broadcast"``: every rank holds rank 0's own statistics.
+
+    Buffers do not feed back into training-mode steps, so rank 0's buffers with ``"local"``
+    are the statistics it computed itself: the independent reference.
+    """
+    r0, r1 = ranks
+    own0, own1 = r0["f_local"]["buffers"], r1["f_local"]["buffers"]
+    assert not torch.equal(own0["model.1.running_mean"], own1["model.1.running_mean"])
+    assert not torch.equal(own0["generator.1.running_var"], own1["generator.1.running_var"])
+    for r in ranks:
+        _assert_same(r["f_broadcast"]["buffers"], own0)
+        _assert_same(r["f_broadcast"]["params"], r0["f_local"]["params"])
+    # evaluation (which uses the running statistics) agrees across ranks
+    assert torch.equal(r0["f_broadcast"]["logits"], r1["f_broadcast"]["logits"])
+
+
+def test_buffers_average_is_mean_of_ranks(ranks: list[dict[str, Any]]) -> None:
+    """(f) ``buffers="average"``: running statistics are the mean of the ranks' own.
+
+    BatchNorm's running-statistic update is linear (``(1 - m) * running + m * batch``), so
+    averaging after every step equals averaging the ranks' ``"local"`` statistics at the end;
+    ``num_batches_tracked`` (an integer) is the same on every rank.
+    """
+    r0, r1 = ranks
+    own0, own1 = r0["f_local"]["buffers"], r1["f_local"]["buffers"]
+    for r in ranks:
+        got = r["f_average"]["buffers"]
+        assert got.keys() == own0.keys()
+        for k in got:
+            if got[k].is_floating_point():
+                want = (own0[k] + own1[k]) / 2
+                torch.testing.assert_close(got[k], want, atol=1e-6, rtol=1e-6, msg=k)
+                if not torch.equal(own0[k], own1[k]):
+                    assert not torch.equal(got[k], own0[k]), k
+            else:
+                assert torch.equal(got[k], own0[k]), k
+    _assert_same(r0["f_average"]["buffers"], r1["f_average"]["buffers"])
+    for r in ranks:  # running statistics do not enter training-mode steps
+        _assert_same(r["f_average"]["params"], r0["f_local"]["params"])
+    assert torch.equal(r0["f_average"]["logits"], r1["f_average"]["logits"])
+
+
+def test_buffers_local_stay_per_rank(ranks: list[dict[str, Any]]) -> None:
+    """(f) ``buffers="local"``: parameters agree, running statistics and eval outputs do not."""
+    r0, r1 = ranks
+    _assert_same(r0["f_local"]["params"], r1["f_local"]["params"])
+    assert not torch.equal(
+        r0["f_local"]["buffers"]["model.1.running_mean"],
+        r1["f_local"]["buffers"]["model.1.running_mean"],
+    )
+    assert not torch.equal(r0["f_local"]["logits"], r1["f_local"]["logits"])
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error(ranks: list[dict[str, Any]]) -> None:
+    """(g) ``nn.SyncBatchNorm`` inside a process group on the CPU: ValueError, nothing moved."""
+    for r in ranks:
+        assert "'model.1' is an nn.SyncBatchNorm" in r["g"], r["g"]
+        assert "only on GPUs" in r["g"]
+        assert r["g_unchanged"]
+
+
+def test_bad_buffers_mode() -> None:
+    with pytest.raises(ValueError, match=r"buffers must be one of .*'broadcast'.*got 'sync'"):
+        _bn_labeler(buffers="sync")

@@ -1,0 +1,232 @@
+"""Faults: a full disk while a checkpoint is written, and a rank killed under ``torchrun``.
+
+* A write that fails with ``ENOSPC`` (in ``torch.save`` or in ``fsync``) leaves the previous
+  checkpoint byte-for-byte intact and no temporary file, and raises
+  :class:`auxgen.checkpoint.CheckpointWriteError` naming the file and the cause.
+* ``auxgen run`` stops at that epoch with one line on stderr and exit status 1 (in one
+  process, and on every rank under ``torchrun``).
+* ``torchrun --max-restarts 1``: SIGKILL one worker mid-epoch after a checkpoint exists; the
+  job restarts, resumes and ends bit-identical to an uninterrupted job
+  (``benchmarks/fault_restart.py``, which repeats this N times).
+* The root cause, deterministically and without torchrun: two attempts against one shared
+  store (as torchrun's agent serves them), the second with a late rank 1; without a
+  per-attempt prefix rank 0 dials rank 1's dead attempt-0 port ("Connection refused").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from auxgen.checkpoint import TEMP_PREFIX, CheckpointWriteError, load_checkpoint, save_checkpoint
+from auxgen.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import fault_restart  # noqa: E402
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob(f"{TEMP_PREFIX}*")]
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch, where: str) -> None:
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, epoch=1, w=torch.arange(100.0))
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def save_then_fill_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        real_save(obj, f, *args, **kwargs)  # a partly written file on disk ...
+        raise ENOSPC  # ... then the disk is full
+
+    def fsync_full(fd: int) -> None:
+        raise ENOSPC
+
+    if where == "write":
+        monkeypatch.setattr(torch, "save", save_then_fill_disk)
+    else:
+        monkeypatch.setattr(os, "fsync", fsync_full)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(path, epoch=2, w=torch.zeros(100))
+    monkeypatch.undo()
+    err = info.value
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    assert err.filename == str(path) and err.__cause__ is not None
+    assert str(err) == (
+        f"cannot write checkpoint {path}: No space left on device (ENOSPC); "
+        "the previous checkpoint is unchanged"
+    )
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["epoch"] == 1
+    assert _temporaries(tmp_path) == []
+
+
+def test_unwritable_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """Even creating the folder fails: the same error type, naming the path."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*file/ckpt\.pt"):
+        save_checkpoint(tmp_path / "file" / "ckpt.pt", epoch=1)
+
+
+RUN = ["run", "--dataset", "digits", "--methods", "single", "--seeds", "0", "--epochs", "4"]
+RUN += ["--train-subset", "4", "--batch-size", "8", "--test-limit", "100", "--threads", "1"]
+RUN += ["--no-progress", "-q"]
+
+
+def test_cli_stops_on_a_full_disk(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The second epoch's checkpoint hits a full disk: exit 1, one line, nothing lost."""
+    calls = []
+    real_save = torch.save
+
+    def fill_disk_on_second_call(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(obj.get("epoch"))
+        real_save(obj, f, *args, **kwargs)
+        if len(calls) >= 2:
+            raise ENOSPC
+
+    monkeypatch.setattr(torch, "save", fill_disk_on_second_call)
+    assert main([*RUN, "--out", str(tmp_path)]) == 1
+    monkeypatch.undo()
+    run_dir = tmp_path / "single" / "seed0"
+    ckpt = run_dir / "checkpoint.pt"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"auxgen: error: cannot write checkpoint {ckpt}: No space left on device (ENOSPC); "
+        "the previous checkpoint is unchanged"
+    ]
+    assert calls == [1, 2]  # training stopped: no epoch ran past the failed checkpoint
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    assert _temporaries(tmp_path) == []
+    assert not (run_dir / "results.json").exists() and not (tmp_path / "results.json").exists()
+    # with space again, the run resumes from the kept checkpoint and finishes
+    assert main([*RUN, "--out", str(tmp_path), "--resume"]) == 0
+    assert load_checkpoint(ckpt)["epoch"] == 4
+
+
+FULL_DISK_LAUNCHER = """
+import errno, os, sys, torch
+real_save = torch.save
+calls = []
+def fill_disk_on_second_call(obj, f, *args, **kwargs):
+    calls.append(1)
+    real_save(obj, f, *args, **kwargs)
+    if len(calls) >= 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+torch.save = fill_disk_on_second_call
+from auxgen.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_under_torchrun_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 0 cannot write: both ranks stop at the same epoch with the line and exit 1."""
+    launcher = tmp_path / "full_disk.py"
+    launcher.write_text(FULL_DISK_LAUNCHER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--max-restarts", "0", str(launcher), *RUN, "--out", str(out)]
+    proc = subprocess.run(
+        cmd, env=fault_restart.child_env(), capture_output=True, text=True, timeout=300
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log
+    ckpt = out / "single" / "seed0" / "checkpoint.pt"
+    line = f"auxgen: error: cannot write checkpoint {ckpt}: No space left on device (ENOSPC)"
+    assert log.count(line) == 2, log[-3000:]  # once per rank
+    assert "exitcode  : 1" in log, log[-3000:]
+    assert "runner.py" not in log, log[-3000:]  # no worker traceback: both ranks said the line
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    assert _temporaries(out) == []
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_and_ends_identical(tmp_path: Path) -> None:
+    """SIGKILL rank 1 mid-epoch under ``torchrun --max-restarts 1``: the job restarts, resumes
+    from the last checkpoint and ends bit-identical to an uninterrupted job."""
+    kw: dict[str, Any] = {"epochs": 4, "train_subset": 3, "timeout": 280.0}
+    with ThreadPoolExecutor(1) as pool:  # the reference job runs alongside the killed one
+        reference = pool.submit(fault_restart.run_job, tmp_path / "reference", **kw)
+        job = fault_restart.run_job(tmp_path / "killed", kill_rank=1, **kw)
+        ref = reference.result()
+    assert ref["returncode"] == 0, ref["log"][-3000:]
+    assert job["killed_at_epoch"] is not None, job["log"][-3000:]
+    assert job["returncode"] == 0, job["log"][-3000:]
+    assert "Connection refused" not in job["log"]
+    got = fault_restart.final_state(tmp_path / "killed")
+    want = fault_restart.final_state(tmp_path / "reference")
+    # the survivor may still finish its epoch and checkpoint before torchrun stops it
+    assert 1 <= job["killed_at_epoch"] <= got["results"]["resumed_from_epoch"] < kw["epochs"]
+    assert want["results"]["resumed_from_epoch"] is None
+    assert fault_restart.same_run(got, want) == []
+    assert got["checkpoint"]["epoch"] == 4
+
+
+def _join_attempt(rank: int, env: dict[str, str], delay: float, result: str) -> None:
+    """A spawned worker of one torchrun attempt: join the group, all-reduce, leave."""
+    os.environ.update(env)
+    time.sleep(delay)
+    import torch.distributed as dist
+
+    from auxgen.cli import _finish_distributed, _init_distributed
+
+    try:
+        _init_distributed(timeout_s=30)
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t)
+        _finish_distributed()
+        Path(result).write_text(f"ok {t.item():g}")
+    except Exception as e:
+        Path(result).write_text(f"failed {type(e).__name__}: {e}")
+
+
+def test_restarted_attempt_ignores_the_dead_attempts_keys(tmp_path: Path) -> None:
+    """The root cause of failed torchrun restarts, without torchrun.
+
+    torchrun's agent serves all attempts from one store; attempt 0 leaves its gloo addresses
+    there. In attempt 1 rank 1 comes up late, so rank 0 would read rank 1's attempt-0 address
+    (a dead port) unless the attempt's keys are separate.
+    """
+    import torch.multiprocessing as mp
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    for attempt, delays in ((0, (0.0, 0.0)), (1, (0.0, 3.0))):
+        procs = []
+        for rank in range(2):
+            env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(store.port),
+                "WORLD_SIZE": "2",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "TORCHELASTIC_RUN_ID": "test",
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+            }
+            result = str(tmp_path / f"a{attempt}r{rank}")
+            procs.append(ctx.Process(target=_join_attempt, args=(rank, env, delays[rank], result)))
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        got = [(tmp_path / f"a{attempt}r{r}").read_text() for r in range(2)]
+        assert got == ["ok 3", "ok 3"], f"attempt {attempt}: {got}"
