@@ -72,7 +72,16 @@ META_MODES = ("second_order", "first_order", "forward_ad", "double_backward")
 EXACT_MODES = ("forward_ad", "double_backward")
 #: Ops without a forward-AD formula that :func:`decomposed_ops` replaces by exact
 #: compositions of ops that have one (names as PyTorch's error messages spell them).
-DECOMPOSED_OPS = frozenset({"_embedding_bag", "embedding_bag", "_embedding_bag_forward_only"})
+DECOMPOSED_OPS = frozenset(
+    {
+        "_embedding_bag",
+        "_embedding_bag_forward_only",
+        "_embedding_bag_backward",
+        "_embedding_bag_dense_backward",
+        "_embedding_bag_sparse_backward",
+        "_embedding_bag_per_sample_weights_backward",
+    }
+)
 
 
 class RNGState:
@@ -412,12 +421,15 @@ def missing_derivative(exc: BaseException) -> Optional[str]:
 
 
 def _function_in_traceback(tb: Optional[TracebackType]) -> Optional[str]:
+    """The custom ``autograd.Function`` whose (missing) ``jvp`` raised, from the frames of
+    ``Function.apply`` / ``apply_jvp`` on the traceback."""
     name = None
     while tb is not None:
-        frame = tb.tb_frame
-        cls = frame.f_locals.get("cls") if frame.f_code.co_name == "apply" else None
-        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
-            name = cls.__name__
+        for local in ("self", "ctx", "cls"):
+            obj = tb.tb_frame.f_locals.get(local)
+            fwd = getattr(obj, "_forward_cls", obj)
+            if isinstance(fwd, type) and issubclass(fwd, torch.autograd.Function):
+                name = fwd.__name__
         tb = tb.tb_next
     return name
 
