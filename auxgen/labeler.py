@@ -381,6 +381,26 @@ class AuxiliaryLabeler(nn.Module):
             )
         return x, y.to(device=self.owner.device, dtype=torch.long)
 
+    def _check_meta_batch(self, meta_batch: Any, x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        if meta_batch is None:
+            return None
+        if not isinstance(meta_batch, (tuple, list)) or len(meta_batch) != 2:
+            raise TypeError(
+                "meta_batch must be a pair (x_m, y_m) of tensors, got "
+                f"{type(meta_batch).__name__}"
+                + (f" of length {len(meta_batch)}" if isinstance(meta_batch, (tuple, list)) else "")
+            )
+        try:
+            x_m, y_m = self._check_batch(*meta_batch)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"meta_batch: {e}") from None
+        if x_m.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"meta_batch: x_m must have the per-sample shape of x {tuple(x.shape[1:])}, "
+                f"got {tuple(x_m.shape[1:])}"
+            )
+        return x_m, y_m
+
     def _check_aux_target(self, aux_target: Tensor, y: Tensor, ref: Tensor) -> Tensor:
         if not isinstance(aux_target, Tensor):
             raise TypeError(f"aux_target must be a Tensor, got {type(aux_target).__name__}")
@@ -472,6 +492,7 @@ class AuxiliaryLabeler(nn.Module):
         gen_optimizer: Optional[torch.optim.Optimizer] = None,
         *,
         aux_target: Optional[Tensor] = None,
+        meta_batch: Optional[tuple[Tensor, Tensor]] = None,
     ) -> dict[str, Any]:
         """One MAXL training step: update the multi-task network and the generator.
 
@@ -494,6 +515,12 @@ class AuxiliaryLabeler(nn.Module):
             aux_target: fixed auxiliary labels instead of generated ones (human, random,
                 K-means baselines): ``(batch,)`` auxiliary class indices or
                 ``(batch, sum(psi))`` soft labels. Disables the meta step.
+            meta_batch: ``(x_m, y_m)``, a batch on which the meta loss (the primary loss
+                after the look-ahead step) is measured instead of ``(x, y)``: the next
+                training batch, or a batch of a held-out meta split (as in AuxiLearn). The
+                look-ahead step itself is still taken on ``(x, y)``, so the generator is
+                rewarded for labels whose update *generalises* to data the step did not
+                see. ``None`` (default): the paper's meta loss on the same batch.
 
         Returns:
             A dict with ``loss``, ``primary_loss``, ``aux_loss`` (detached tensors),
@@ -506,6 +533,7 @@ class AuxiliaryLabeler(nn.Module):
             NonFiniteError: on a non-finite loss or gradient with ``nonfinite="raise"``.
         """
         x, y = self._check_batch(x, y)
+        meta_xy = self._check_meta_batch(meta_batch, x)
         check_optimizer(
             optimizer,
             self.model_parameters(),
@@ -539,7 +567,7 @@ class AuxiliaryLabeler(nn.Module):
                 p.grad = None
         saved = self._snapshot_buffers()
         try:
-            out = self._step(x, y, optimizer, gen_optimizer, aux_target, params, do_meta)
+            out = self._step(x, y, optimizer, gen_optimizer, aux_target, params, do_meta, meta_xy)
         except BaseException:
             self._restore_buffers(saved)
             raise
@@ -558,6 +586,7 @@ class AuxiliaryLabeler(nn.Module):
         aux_target: Optional[Tensor],
         params: list[Tensor],
         do_meta: bool,
+        meta_xy: Optional[tuple[Tensor, Tensor]] = None,
     ) -> dict[str, Any]:
         n = x.shape[0]
         rng = RNGState(x.device) if do_meta else None
@@ -597,7 +626,18 @@ class AuxiliaryLabeler(nn.Module):
         gen_grads: Optional[list[Optional[Tensor]]] = None
         if do_meta:
             gen_grads, meta_loss = self._meta_gradient(
-                x, y, optimizer, params, grads, present, ell.detach(), t, n, rng, gen_params
+                x,
+                y,
+                optimizer,
+                params,
+                grads,
+                present,
+                ell.detach(),
+                t,
+                n,
+                rng,
+                gen_params,
+                meta_xy,
             )
             result["meta_loss"] = meta_loss
             result["meta_mode"] = self.meta_mode_used
@@ -627,18 +667,21 @@ class AuxiliaryLabeler(nn.Module):
         n: int,
         rng: Optional[RNGState],
         gen_params: list[nn.Parameter],
+        meta_xy: Optional[tuple[Tensor, Tensor]] = None,
     ) -> tuple[list[Optional[Tensor]], Tensor]:
         names = {id(p): k for k, p in self.model.named_parameters()}
         idx = [i for i in present if id(params[i]) in names]
         moving = [params[i] for i in idx]
         keys = [names[id(p)] for p in moving]
 
-        def run_at(values: list[Tensor]) -> Tensor:
+        x_m, y_m = meta_xy if meta_xy is not None else (x, y)
+
+        def run_at(values: list[Tensor], inputs: Tensor = x) -> Tensor:
             state = {**dict(zip(keys, values)), **self._model_buffers()}
-            return self._logits(functional_call(self.model, state, (x,)))
+            return self._logits(functional_call(self.model, state, (inputs,)))
 
         def primary_loss_at(values: list[Tensor]) -> Tensor:
-            return primary_loss(run_at(values), y, self.loss, self.focal_gamma)
+            return primary_loss(run_at(values, x_m), y_m, self.loss, self.focal_gamma)
 
         def loss_matrix_at(values: list[Tensor]) -> Tensor:
             _, h = self._features_of(lambda: run_at(values))
