@@ -28,9 +28,10 @@ the optimiser step. Ways to take the JVP:
 
 ``meta="second_order"`` (exact, the default) chooses at its first call, and keeps: forward
 AD; where an op has no forward-AD formula, an exact decomposition of it into ops that have
-one (``embedding_bag``); else the double backward; and only where neither exists,
-``first_order`` with one warning naming the op. Both exact modes run attention with the
-math kernel of ``scaled_dot_product_attention`` (the fused kernels have neither formula).
+one (``embedding_bag``; the fused oneDNN/cuDNN RNN kernels); else the double backward; and
+only where neither exists, ``first_order`` with one warning naming the op. Both exact
+modes run attention with the math kernel of ``scaled_dot_product_attention`` (the fused
+kernels have neither formula).
 
 All modes replay the random number generator of the forward at :math:`\theta`, so dropout
 masks agree, and run on copies of the buffers, so BatchNorm statistics do not move.
@@ -70,10 +71,16 @@ __all__ = [
 META_MODES = ("second_order", "first_order", "forward_ad", "double_backward")
 #: The exact implementations, in the order ``"second_order"`` tries them.
 EXACT_MODES = ("forward_ad", "double_backward")
-#: Ops without a forward-AD formula that :func:`decomposed_ops` replaces by exact
-#: compositions of ops that have one (names as PyTorch's error messages spell them).
+#: Ops without a forward-AD (or double-backward) formula that :func:`decomposed_ops`
+#: replaces by exact compositions of ops that have one (names as PyTorch's errors spell them).
 DECOMPOSED_OPS = frozenset(
     {
+        "mkldnn_rnn_layer",
+        "mkldnn_rnn_layer_backward",
+        "_cudnn_rnn",
+        "_cudnn_rnn_backward",
+        "miopen_rnn",
+        "miopen_rnn_backward",
         "_embedding_bag",
         "_embedding_bag_forward_only",
         "_embedding_bag_backward",
@@ -371,9 +378,26 @@ def _embedding_bag(
     return torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak))
 
 
+_RNNS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+@contextlib.contextmanager
+def _cell_by_cell_rnns() -> Iterator[None]:
+    """RNN layers without the fused oneDNN/cuDNN kernels: ATen then runs them cell by
+    cell, with ops that have forward-AD and double-backward formulas."""
+    cudnn, mkldnn = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
+    torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = cudnn, mkldnn
+
+
 class decomposed_ops(TorchFunctionMode):  # noqa: N801 - used as a context manager
-    """Within this context, ``F.embedding_bag`` runs as :func:`_embedding_bag`: the same
-    values, computed by ops that have forward-AD and double-backward formulas."""
+    """Within this context, ``F.embedding_bag`` runs as :func:`_embedding_bag`, and RNN
+    layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) cell by cell instead of in a fused
+    oneDNN/cuDNN kernel: the same values, computed by ops that have forward-AD and
+    double-backward formulas."""
 
     def __torch_function__(
         self,
@@ -383,6 +407,10 @@ class decomposed_ops(TorchFunctionMode):  # noqa: N801 - used as a context manag
         kwargs: Optional[dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in _RNNS and func is getattr(torch._C._VariableFunctions, name, None):
+            with _cell_by_cell_rnns():
+                return func(*args, **kwargs)
         if func is F.embedding_bag and kwargs.get("max_norm") is None and len(args) <= 3:
             inp = args[0] if args else kwargs.get("input")
             if isinstance(inp, Tensor) and not inp.is_nested:

@@ -12,7 +12,6 @@ central finite differences in float64.
 from __future__ import annotations
 
 import copy
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -114,7 +113,7 @@ MODELS = {
     ),
     "text_transformer": (TextTransformer, _tokens, "forward_ad"),
     "embedding_bag": (BagClassifier, _tokens, "forward_ad"),
-    "lstm": (LSTMClassifier, _tokens, "double_backward"),
+    "lstm": (LSTMClassifier, _tokens, "forward_ad"),
     "squeezenet": (lambda: torchvision.models.squeezenet1_1(num_classes=3), _images, "forward_ad"),
     "googlenet": (
         lambda: torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=True),
@@ -239,33 +238,21 @@ def test_meta_gradient_matches_finite_differences(name, meta):
         assert exact == pytest.approx(fd, rel=1e-5, abs=1e-8), (exact, fd)
 
 
-def test_mkldnn_lstm_double_backward_equals_forward_ad_on_native_kernels():
-    """float32 on CPU: the LSTM runs oneDNN's kernel (no forward-AD formula), so the
-    default picks the double backward; forward AD through the native LSTM (oneDNN off)
-    must give the same meta-gradient."""
+def test_lstm_exact_modes_agree_in_float32():
+    """float32 on CPU: oneDNN's fused LSTM kernel has no forward-AD formula. The default
+    runs the LSTM cell by cell under forward AD; forcing the double backward goes through
+    oneDNN's kernel. Both are exact, so they agree to float32 rounding."""
     grads = {}
-    for meta in ("second_order", "forward_ad"):
+    for meta in ("second_order", "double_backward"):
         torch.manual_seed(0)
-        model = LSTMClassifier()
-        lab = AuxiliaryLabeler(model, psi=PSI, meta=meta)
+        lab = AuxiliaryLabeler(LSTMClassifier(), psi=PSI, meta=meta)
         opt = torch.optim.SGD(lab.model_parameters(), lr=LR)
         gen_opt = torch.optim.SGD(lab.generator_parameters(), lr=0.1)
         x, y = _tokens(torch.float32), torch.arange(N) % NUM_CLASSES
-        if meta == "forward_ad":
-            with warnings.catch_warnings():  # oneDNN's flags() warns about TF32 on CPU
-                warnings.simplefilter("ignore", UserWarning)
-                ctx = torch.backends.mkldnn.flags(enabled=False)
-                ctx.__enter__()
-            try:
-                out = lab.step(x, y, opt, gen_opt)
-            finally:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    ctx.__exit__(None, None, None)
-        else:
-            out = lab.step(x, y, opt, gen_opt)
+        out = lab.step(x, y, opt, gen_opt)
         grads[out["meta_mode"]] = torch.cat([p.grad.flatten() for p in lab.generator_parameters()])
     assert set(grads) == {"double_backward", "forward_ad"}
+    assert torch.backends.mkldnn.enabled  # restored after the cell-by-cell JVP
     a, b = grads["double_backward"], grads["forward_ad"]
     assert float((a - b).norm() / b.norm()) < 1e-4
 
