@@ -57,11 +57,13 @@ def _weighted_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def classifier_out_features(classifier: nn.Module) -> Optional[int]:
-    """Number of logits the classifier produces: ``out_features`` of an ``nn.Linear``, else
-    the output width of the last ``Linear``/convolution inside it (``None`` if it has none).
+    """Number of logits the classifier produces: its ``out_features`` (``nn.Linear`` and
+    look-alikes), else the output width of the last ``Linear``/convolution inside it
+    (``None`` if it has none).
     """
-    if isinstance(classifier, nn.Linear):
-        return classifier.out_features
+    own = getattr(classifier, "out_features", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
     layers = _weighted_layers(classifier)
     if not layers:
         return None
@@ -148,13 +150,14 @@ def find_classifier(
 def feature_dim_of(model: nn.Module, classifier: nn.Module, feature_dim: Optional[int]) -> int:
     """Width (channels) of the features that feed ``classifier``.
 
-    In order: ``feature_dim=`` when given; the ``in_features`` / ``in_channels`` of the
-    first ``nn.Linear`` or convolution in the classifier (the classifier itself when it is
-    one); timm's ``head_hidden_size``, then ``num_features``.
+    In order: ``feature_dim=`` when given; the classifier's own ``in_features``
+    (``nn.Linear`` and look-alikes); the ``in_features`` / ``in_channels`` of the first
+    ``nn.Linear`` or convolution in it; timm's ``head_hidden_size``, then ``num_features``.
     """
     layers = _weighted_layers(classifier)
-    inferred: Optional[int] = None
-    if layers:
+    own = getattr(classifier, "in_features", None)
+    inferred: Optional[int] = own if isinstance(own, int) and not isinstance(own, bool) else None
+    if inferred is None and layers:
         first = layers[0]
         inferred = int(first.in_features if isinstance(first, nn.Linear) else first.in_channels)
     for attr in ("head_hidden_size", "num_features"):

@@ -285,6 +285,10 @@ def test_feature_width_by_capability_and_override():
             return F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
 
     head = CosineHead()
+    look_alike = CosineHead()
+    look_alike.in_features, look_alike.out_features = 8, 3
+    assert feature_dim_of(SimpleNamespace(num_features=16), look_alike, None) == 8
+    assert classifier_out_features(look_alike) == 3
     model = SimpleNamespace(num_features=16, head_hidden_size=8)
     assert feature_dim_of(model, head, None) == 8  # timm: the width feeding the head
     assert feature_dim_of(SimpleNamespace(num_features=16), head, None) == 16
