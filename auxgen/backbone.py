@@ -8,16 +8,37 @@ the network is ever written.
 
 Search order: an explicit ``classifier=`` (a name or a module); timm's
 ``get_classifier()``; torchvision's ``fc`` / ``classifier`` / ``heads`` / ``head``
-attributes; otherwise the last ``nn.Linear`` registered in the model.
+attributes; otherwise the last ``nn.Linear`` registered in the model. A head container
+resolves to its last ``nn.Linear``; one without any (torchvision SqueezeNet's Dropout, 1x1
+``Conv2d``, ReLU, global pool) is hooked as a whole, and its input is a feature map
+``(N, C, H, W)`` that the labeler pools globally.
+
+The model's output need not be a tensor: :func:`primary_logits` finds the logits in a
+``logits`` attribute or key (Hugging Face ``ModelOutput``, a dict) or the first element of
+a tuple (torchvision GoogLeNet/Inception in training mode return named tuples).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["find_classifier", "feature_dim_of", "replace_module"]
+__all__ = [
+    "OutputSpec",
+    "check_output_spec",
+    "classifier_out_features",
+    "feature_dim_of",
+    "find_classifier",
+    "primary_logits",
+    "replace_module",
+]
+
+#: How to pick the primary logits out of a model's output: ``None`` (by capability), a
+#: key or attribute name, a tuple index, or a callable ``output -> logits``.
+OutputSpec = Union[None, str, int, Callable[[Any], Tensor]]
 
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head", "last_linear")
 
@@ -28,6 +49,26 @@ def _last_linear(module: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, nn.Linear):
             last = m
     return last
+
+
+def _weighted_layers(module: nn.Module) -> list[nn.Module]:
+    """The ``nn.Linear`` and convolution layers of ``module``, in registration order."""
+    return [m for m in module.modules() if isinstance(m, (nn.Linear, _ConvNd))]
+
+
+def classifier_out_features(classifier: nn.Module) -> Optional[int]:
+    """Number of logits the classifier produces: its ``out_features`` (``nn.Linear`` and
+    look-alikes), else the output width of the last ``Linear``/convolution inside it
+    (``None`` if it has none).
+    """
+    own = getattr(classifier, "out_features", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
+    layers = _weighted_layers(classifier)
+    if not layers:
+        return None
+    last = layers[-1]
+    return int(last.out_features if isinstance(last, nn.Linear) else last.out_channels)
 
 
 def _resolve(module: nn.Module) -> Optional[nn.Module]:
@@ -107,14 +148,22 @@ def find_classifier(
 
 
 def feature_dim_of(model: nn.Module, classifier: nn.Module, feature_dim: Optional[int]) -> int:
-    """Width of the features that feed ``classifier``.
+    """Width (channels) of the features that feed ``classifier``.
 
-    ``nn.Linear`` knows it (``in_features``); otherwise ``feature_dim=`` or timm's
-    ``num_features`` must say it.
+    In order: ``feature_dim=`` when given; the classifier's own ``in_features``
+    (``nn.Linear`` and look-alikes); the ``in_features`` / ``in_channels`` of the first
+    ``nn.Linear`` or convolution in it; timm's ``head_hidden_size``, then ``num_features``.
     """
-    inferred = getattr(classifier, "in_features", None)
-    if inferred is None:
-        inferred = getattr(model, "num_features", None)
+    layers = _weighted_layers(classifier)
+    own = getattr(classifier, "in_features", None)
+    inferred: Optional[int] = own if isinstance(own, int) and not isinstance(own, bool) else None
+    if inferred is None and layers:
+        first = layers[0]
+        inferred = int(first.in_features if isinstance(first, nn.Linear) else first.in_channels)
+    for attr in ("head_hidden_size", "num_features"):
+        if inferred is None:
+            value = getattr(model, attr, None)
+            inferred = value if isinstance(value, int) and not isinstance(value, bool) else None
     if feature_dim is not None:
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim <= 0:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
@@ -137,3 +186,83 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
+
+
+def check_output_spec(output: Any) -> OutputSpec:
+    """Validate ``output=``: ``None``, a key (str), an index (int) or a callable."""
+    if output is None or callable(output):
+        return output
+    if isinstance(output, str) or (isinstance(output, int) and not isinstance(output, bool)):
+        return output
+    raise TypeError(
+        "output must be None, a key or attribute name (str), a tuple index (int) or a callable "
+        f"mapping the model's output to the primary logits, got {type(output).__name__}"
+    )
+
+
+def _pick(out: Any, output: Union[str, int]) -> Any:
+    if isinstance(output, str):
+        if isinstance(out, Mapping):
+            if output in out:
+                return out[output]
+        elif hasattr(out, output):
+            return getattr(out, output)
+        raise ValueError(
+            f"output={output!r}: the model's output ({type(out).__name__}) has no such key or "
+            "attribute"
+        )
+    try:
+        return out[output]
+    except (TypeError, IndexError, KeyError):
+        raise ValueError(
+            f"output={output!r}: cannot index the model's output ({type(out).__name__}) with it"
+        ) from None
+
+
+def primary_logits(out: Any, output: OutputSpec = None) -> Tensor:
+    """The primary logits in a model's output.
+
+    Args:
+        out: what the model returned.
+        output: ``None`` finds them by capability: ``out`` itself if it is a tensor, else its
+            ``logits`` attribute or key, else the first element of a tuple or list (named
+            tuples included); the rest of the output is ignored. A str picks that key or
+            attribute, an int that element, a callable is applied to ``out``.
+
+    Raises:
+        TypeError: if no tensor is found, naming the type received and what to pass.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(2, 3)
+        >>> primary_logits({"logits": z, "hidden": None}) is z
+        True
+        >>> primary_logits((z, "aux")) is z
+        True
+        >>> primary_logits({"scores": z}, output="scores") is z
+        True
+    """
+    if output is not None:
+        picked = output(out) if callable(output) else _pick(out, output)
+        if isinstance(picked, Tensor):
+            return picked
+        raise TypeError(
+            f"output={output!r} picked a {type(picked).__name__} out of the model's output "
+            f"({type(out).__name__}); it must give a Tensor of primary logits"
+        )
+    if isinstance(out, Tensor):
+        return out
+    found: Any = None
+    if isinstance(out, Mapping):
+        found = out.get("logits")
+    elif hasattr(out, "logits"):
+        found = out.logits
+    elif isinstance(out, (tuple, list)) and len(out) > 0:
+        found = out[0]
+    if isinstance(found, Tensor):
+        return found
+    raise TypeError(
+        f"the model returned a {type(out).__name__}, not a Tensor of primary logits, and none "
+        "was found in it (a 'logits' attribute or key, or the first element of a tuple); pass "
+        "output= (a key, an index or a callable mapping the model's output to the logits)"
+    )

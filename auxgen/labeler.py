@@ -13,10 +13,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .backbone import feature_dim_of, find_classifier, replace_module
+from .backbone import (
+    OutputSpec,
+    check_output_spec,
+    classifier_out_features,
+    feature_dim_of,
+    find_classifier,
+    primary_logits,
+    replace_module,
+)
 from .hierarchy import masked_log_softmax, normalize_psi, owner_index
 from .losses import LOSSES, neg_entropy, per_class_loss, primary_loss
-from .meta import META_MODES, RNGState, directional_derivative, lookahead_direction
+from .meta import META_MODES, JVPPlan, RNGState, lookahead_direction, meta_jvp
 from .mirror import LOOKAHEADS, check_optimizer, is_mirrored, sgd_stand_in
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
@@ -82,11 +90,24 @@ class AuxiliaryLabeler(nn.Module):
             (the paper's focal loss, ``gamma=focal_gamma``).
         aux_weight: weight of the auxiliary loss in the multi-task loss.
         entropy_weight: weight of the anti-collapse term ``sum_k pbar_k log pbar_k``.
-        feature_dim: width of the classifier's input, when it cannot be inferred.
+        feature_dim: width (channels) of the classifier's input, when it cannot be inferred
+            (from the first ``Linear``/convolution in the classifier, or timm's
+            ``head_hidden_size`` / ``num_features``). When the classifier's input is a
+            feature map ``(N, C, H, W)`` (a convolutional classifier such as SqueezeNet's),
+            the auxiliary head and the ``"head"`` generator see it globally average-pooled.
         classifier: the classifier submodule or its qualified name, to override detection.
-        meta: ``"second_order"`` (exact meta-gradient, forward-mode JVP) or
-            ``"first_order"`` (finite-difference JVP; no double-backward or forward-AD
-            support needed).
+        output: how to find the primary logits when the model does not return a tensor.
+            ``None`` (default): a ``logits`` attribute or key (Hugging Face
+            ``ModelOutput``, a dict), else the first element of a tuple (torchvision
+            GoogLeNet/Inception's named tuples in training mode); the rest is ignored. A str
+            picks that key or attribute, an int that element, a callable maps the output to
+            the logits.
+        meta: ``"second_order"`` (default: the exact meta-gradient; forward-mode JVP, or
+            a double-backward JVP where an op has no forward-AD formula, chosen at the first
+            meta step and reported by :attr:`meta_mode_used`; only where neither formula
+            exists, ``"first_order"`` with a warning), ``"first_order"`` (finite-difference
+            JVP; needs no derivative formulas), or ``"forward_ad"`` /
+            ``"double_backward"`` to force one exact implementation.
         meta_every: update the generator every ``meta_every``-th step (amortised MAXL);
             steps in between cost one generator forward.
         focal_gamma: focusing parameter of the focal loss.
@@ -145,6 +166,7 @@ class AuxiliaryLabeler(nn.Module):
         entropy_weight: float = 0.2,
         feature_dim: Optional[int] = None,
         classifier: Union[str, nn.Module, None] = None,
+        output: OutputSpec = None,
         meta: str = "second_order",
         meta_every: int = 1,
         focal_gamma: float = 2.0,
@@ -179,8 +201,9 @@ class AuxiliaryLabeler(nn.Module):
         if fd_eps is not None and not (isinstance(fd_eps, float) and fd_eps > 0):
             raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
 
+        self.output = check_output_spec(output)
         cls_name, cls_module = find_classifier(model, classifier)
-        out_features = getattr(cls_module, "out_features", None)
+        out_features = classifier_out_features(cls_module)
         if num_classes is None:
             num_classes = out_features
             if num_classes is None and not isinstance(psi, int):
@@ -188,7 +211,7 @@ class AuxiliaryLabeler(nn.Module):
         elif out_features is not None and out_features != num_classes:
             raise ValueError(
                 f"num_classes={num_classes} does not match the classifier "
-                f"'{cls_name}' (out_features={out_features})"
+                f"'{cls_name}' ({out_features} outputs)"
             )
         self.psi: tuple[int, ...] = normalize_psi(psi, num_classes)
         if out_features is not None and len(self.psi) != out_features:
@@ -270,6 +293,7 @@ class AuxiliaryLabeler(nn.Module):
         self._hook = cls_module.register_forward_hook(self._capture)
         self._steps = 0
         self._synced = False
+        self._jvp = JVPPlan(meta)
 
     # ------------------------------------------------------------------ wiring
     def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -295,14 +319,23 @@ class AuxiliaryLabeler(nn.Module):
                 f"the classifier '{self.classifier_name}' was not called during the model's "
                 "forward; pass classifier= naming the module that produces the primary logits"
             )
-        if h.dim() != 2:
-            h = h.flatten(1)
+        if h.dim() > 2:
+            if h.shape[1] == self.feature_dim:  # a (N, C, *spatial) feature map: global pool
+                h = h.mean(dim=tuple(range(2, h.dim())))
+            else:
+                h = h.flatten(1)
         if h.shape[1] != self.feature_dim:
             raise ValueError(
                 f"the classifier's input has {h.shape[1]} features, expected feature_dim="
                 f"{self.feature_dim}"
             )
         return h
+
+    @property
+    def meta_mode_used(self) -> Optional[str]:
+        """How the meta-gradient is computed: ``"forward_ad"``, ``"double_backward"``
+        (both exact) or ``"first_order"``; ``None`` before the first meta step."""
+        return self._jvp.mode
 
     def model_parameters(self) -> list[nn.Parameter]:
         """Parameters of the multi-task network: the model and the auxiliary head."""
@@ -312,22 +345,28 @@ class AuxiliaryLabeler(nn.Module):
         """Parameters of the label-generation network."""
         return list(self.generator.parameters())
 
+    def _logits(self, out: Any) -> Tensor:
+        return primary_logits(out, self.output)
+
     def forward(self, x: Tensor) -> Tensor:
-        """Primary logits: exactly ``self.model(x)``."""
-        return self.model(x)
+        """Primary logits: ``self.model(x)`` when it returns a tensor, else the logits found
+        in its output (see ``output=``), so ``labeler(x).argmax(1)`` always works."""
+        return self._logits(self.model(x))
 
     def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Primary and auxiliary logits from one forward of the model."""
-        z_p, h = self._features_of(lambda: self.model(x))
-        return z_p, self.aux_head(h)
+        out, h = self._features_of(lambda: self.model(x))
+        return self._logits(out), self.aux_head(h)
 
     def _generator_logits(self, x: Tensor, h: Optional[Tensor]) -> Tensor:
         if self.generator_kind == "head":
             if h is None:
                 _, h = self._features_of(lambda: self.model(x))
             logits = self.generator(h.detach())
+        elif self.generator_kind == "copy":  # the model's architecture: its kind of output
+            logits = self._logits(self.generator(x))
         else:
-            logits = self.generator(x)
+            logits = primary_logits(self.generator(x))
         if logits.dim() != 2 or logits.shape != (x.shape[0], self.num_aux):
             raise ValueError(
                 f"the generator must return (batch, sum(psi)) = ({x.shape[0]}, {self.num_aux}) "
@@ -569,7 +608,8 @@ class AuxiliaryLabeler(nn.Module):
         Returns:
             A dict with ``loss``, ``primary_loss``, ``aux_loss`` (detached tensors),
             ``meta_loss`` (tensor, or ``None`` when the generator was not updated),
-            ``logits`` (detached primary logits of the batch), ``meta_updated`` (bool) and
+            ``logits`` (detached primary logits of the batch), ``meta_updated`` (bool),
+            ``meta_mode`` (:attr:`meta_mode_used`, or ``None`` without a meta step) and
             ``skipped`` (1 when a non-finite step was skipped, else 0); with
             ``diagnostics=True`` also ``grad_cosine`` (see ``diagnostics``).
 
@@ -646,7 +686,8 @@ class AuxiliaryLabeler(nn.Module):
     ) -> dict[str, Any]:
         n = x.shape[0]
         rng = RNGState(x.device) if do_meta else None
-        z_p, h = self._features_of(lambda: self.model(x))
+        out, h = self._features_of(lambda: self.model(x))
+        z_p = self._logits(out)
         z_a = self.aux_head(h)
         gen_params = self.generator_parameters()
 
@@ -673,6 +714,7 @@ class AuxiliaryLabeler(nn.Module):
             "meta_loss": None,
             "logits": z_p.detach(),
             "meta_updated": False,
+            "meta_mode": None,
             "skipped": 0,
         }
         if self.diagnostics:
@@ -697,6 +739,7 @@ class AuxiliaryLabeler(nn.Module):
                 meta_xy,
             )
             result["meta_loss"] = meta_loss
+            result["meta_mode"] = self.meta_mode_used
             if not _all_finite([meta_loss, *gen_grads]):
                 return self._nonfinite(result, "meta loss or meta-gradient")
 
@@ -734,7 +777,7 @@ class AuxiliaryLabeler(nn.Module):
 
         def run_at(values: list[Tensor], inputs: Tensor = x) -> Tensor:
             state = {**dict(zip(keys, values)), **self._model_buffers()}
-            return functional_call(self.model, state, (inputs,))
+            return self._logits(functional_call(self.model, state, (inputs,)))
 
         def primary_loss_at(values: list[Tensor]) -> Tensor:
             return primary_loss(run_at(values, x_m), y_m, self.loss, self.focal_gamma)
@@ -751,11 +794,11 @@ class AuxiliaryLabeler(nn.Module):
                 primary_loss_at,
                 reduce=self._average if self._world() > 1 else None,
             )
-            dell = directional_derivative(
+            dell = meta_jvp(
+                self._jvp,
                 loss_matrix_at,
                 [p.detach() for p in moving],
                 u,
-                mode=self.meta,
                 base=ell,
                 rng=rng,
                 fd_eps=self.fd_eps,

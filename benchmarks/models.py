@@ -4,8 +4,11 @@
   convolutions with BatchNorm + ReLU, five 2x2 max-pools, then a 512-512-C MLP) on 32x32
   inputs.
 * :func:`tiny_cnn`: a two-convolution network for smoke tests (milliseconds per step).
-* :func:`build_model`: ``"vgg16"``, ``"tiny"``, any torchvision classification model
-  (``"resnet18"``) or any timm model (``"resnet10t"``), freshly initialised.
+* :func:`vit_tiny_cifar`: timm's ViT-Tiny (12 blocks, width 192, 3 heads) on 32x32 inputs
+  with 4x4 patches (64 tokens and a class token), as ViTs are trained on CIFAR.
+* :func:`build_model`: ``"vgg16"``, ``"tiny"``, ``"vit_tiny_cifar"``, any torchvision
+  classification model (``"resnet18"``) or any timm model (``"resnet10t"``; a timm model
+  with a fixed input size, such as ``"test_vit"``, is built for 32x32), freshly initialised.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Union
 
 from torch import Tensor, nn
 
-__all__ = ["VGG16_CFG", "VGGCifar", "vgg16_cifar", "tiny_cnn", "build_model"]
+__all__ = ["VGG16_CFG", "VGGCifar", "vgg16_cifar", "tiny_cnn", "vit_tiny_cifar", "build_model"]
 
 #: Channels of VGG-16's 13 convolutions; ``"M"`` is a 2x2 max-pool.
 VGG16_CFG: tuple[Union[int, str], ...] = (
@@ -94,14 +97,30 @@ def tiny_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
+def vit_tiny_cifar(num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """timm ``vit_tiny_patch16_224`` re-sized for CIFAR: 4x4 patches of 32x32 images."""
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=image_size,
+        patch_size=4,
+    )
+
+
+def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
     """A freshly initialised classifier by name.
 
     Args:
-        name: ``"vgg16"`` (:func:`vgg16_cifar`), ``"tiny"`` (:func:`tiny_cnn`), a
-            torchvision classification model (``"resnet18"``) or a timm model
-            (``"resnet10t"``); torchvision is tried first.
+        name: ``"vgg16"`` (:func:`vgg16_cifar`), ``"tiny"`` (:func:`tiny_cnn`),
+            ``"vit_tiny_cifar"`` (:func:`vit_tiny_cifar`), a torchvision classification
+            model (``"resnet18"``) or a timm model (``"resnet10t"``); torchvision is tried
+            first.
         num_classes: number of output classes.
+        image_size: input height and width, for timm models that fix it at construction
+            (vision transformers).
 
     Raises:
         ValueError: if neither torchvision nor timm knows ``name``.
@@ -110,6 +129,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         return vgg16_cifar(num_classes)
     if name == "tiny":
         return tiny_cnn(num_classes)
+    if name == "vit_tiny_cifar":
+        return vit_tiny_cifar(num_classes, image_size)
     import torchvision
 
     if name in torchvision.models.list_models(module=torchvision.models):
@@ -117,7 +138,12 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     import timm
 
     if timm.is_model(name):
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        try:  # vision transformers fix the input size when they are built
+            return timm.create_model(
+                name, pretrained=False, num_classes=num_classes, img_size=image_size
+            )
+        except TypeError:  # convolutional networks take any size and no img_size argument
+            return timm.create_model(name, pretrained=False, num_classes=num_classes)
     raise ValueError(
         f"unknown model {name!r}: use 'vgg16', 'tiny', a torchvision classification model or "
         "a timm model name"

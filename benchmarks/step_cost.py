@@ -474,6 +474,8 @@ def instrument(runner: Runner, timer: PhaseTimer) -> Iterator[None]:
             return "look-ahead bwd (theta+)" if grad_calls["lookahead"] % 2 else "optimiser VJP"
         if top == "meta":
             return "generator bwd (surrogate)"
+        if top == "jvp":
+            return "JVP bwd (double backward)"
         return "multi-task bwd (theta)"
 
     def fixed(name: str) -> Callable[[], str]:
@@ -487,7 +489,7 @@ def instrument(runner: Runner, timer: PhaseTimer) -> Iterator[None]:
         (torch.autograd, "grad", grad_phase),
         (L, "lookahead_direction", fixed("lookahead")),
         (M, "lookahead", fixed("look-ahead step U(theta, G)")),
-        (L, "directional_derivative", fixed("jvp")),
+        (L, "meta_jvp", fixed("jvp")),
         (L, "_all_finite", fixed("finite checks")),
         (L, "check_optimizer", fixed("checks + buffer snapshot")),
         (labeler, "_meta_gradient", fixed("meta")),
