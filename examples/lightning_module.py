@@ -11,10 +11,11 @@ the training step runs under autocast; use bfloat16, since the step has no gradi
 
 Two things differ from an automatically optimised module:
 
-* ``trainer.global_step`` counts calls of ``LightningOptimizer.step``, which the labeler does
-  not make, so it stays 0: bound training with ``max_epochs`` (or ``limit_train_batches``),
-  not ``max_steps``, and step the learning-rate scheduler yourself (here once per epoch in
-  ``on_train_epoch_end``, as manual optimisation requires anyway);
+* Lightning counts optimiser steps (``trainer.global_step``, used by ``max_steps``, logging
+  and ``ModelCheckpoint``) inside ``LightningOptimizer.step``, which the labeler bypasses;
+  ``training_step`` calls the wrapper's ``_on_before_step`` / ``_on_after_step`` hooks
+  around ``labeler.step`` so that every training step counts once. Schedulers are stepped
+  by hand (here once per epoch in ``on_train_epoch_end``), as manual optimisation requires;
 * the example runs on one device. ``step`` averages gradients across processes itself
   when a ``torch.distributed`` process group exists, so a multi-device run must not wrap the
   module in ``DistributedDataParallel`` (see ``examples/accelerate_train.py`` and
@@ -98,8 +99,13 @@ class MAXLModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         opt, gen_opt = self.optimizers()
+        # Lightning counts optimiser steps (trainer.global_step, which max_steps, logging and
+        # ModelCheckpoint rely on) in these two hooks of LightningOptimizer.step; the labeler
+        # steps the optimisers itself, so call them around it: one count per training step.
+        opt._on_before_step()
         # Unwrap Lightning's LightningOptimizer: the step mirrors the torch.optim optimiser.
         out = self.labeler.step(x, y, opt.optimizer, gen_opt.optimizer)
+        opt._on_after_step()
         acc = (out["logits"].argmax(1) == y).float().mean()
         self.log_dict(
             {"train/primary_loss": out["primary_loss"], "train/aux_loss": out["aux_loss"],

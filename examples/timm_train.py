@@ -164,7 +164,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checkpoint", default=None, help="checkpoint file, written every epoch")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from --checkpoint when it exists"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="fake images, a tiny model, seconds")
     args = p.parse_args(argv)
@@ -198,12 +200,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     start_epoch = 0
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if args.resume and ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         labeler.load_state_dict(state["labeler"])
         opt.load_state_dict(state["optimizer"])
         gen_opt.load_state_dict(state["gen_optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         start_epoch = state["epoch"]
         scheduler.step(start_epoch)  # timm's train.py: set the lr for the resumed epoch
         logger.info("resumed from %s at epoch %d", ckpt, start_epoch)

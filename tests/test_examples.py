@@ -125,6 +125,7 @@ def test_lightning_example_smoke(monkeypatch) -> None:
     monkeypatch.setattr(example, "MAXLModule", Recorded)
     trainer = example.main(["--smoke", "--precision", "bf16-mixed"])
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+    assert trainer.global_step == 2  # Lightning counted the labeler's steps
     metrics = trainer.callback_metrics
     for key in ("train/primary_loss", "train/aux_loss", "train/meta_loss", "val/acc"):
         assert torch.isfinite(metrics[key]), key
