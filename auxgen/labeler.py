@@ -138,6 +138,19 @@ class AuxiliaryLabeler(nn.Module):
             ``nn.SyncBatchNorm`` must run on GPUs: on the CPU, :meth:`step` raises
             ``ValueError`` inside a process group.
 
+    Attributes:
+        model: the wrapped classifier, unchanged (``labeler(x)`` is ``model(x)``).
+        aux_head: ``nn.Linear(feature_dim, sum(psi))`` on the classifier's input features.
+        generator: the label-generation network.
+        psi: auxiliary classes per primary class (a tuple).
+        num_classes: number of primary classes, ``len(psi)``.
+        num_aux: number of auxiliary classes, ``sum(psi)``.
+        owner: buffer ``(sum(psi),)``: the primary class owning each auxiliary class.
+        feature_dim: width of the classifier's input.
+        classifier_name: qualified name of the classifier inside ``model``.
+        generator_kind: ``"head"``, ``"copy"`` or ``"module"`` (a module passed in).
+        output: how the primary logits are found in the model's output (``output=``).
+
     Example:
         >>> import torch, torch.nn as nn
         >>> from auxgen import AuxiliaryLabeler

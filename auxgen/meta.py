@@ -8,7 +8,8 @@ the user's optimiser, and the meta loss :math:`L_p(\theta^+)`.
 
 Because :math:`L_a` is linear in :math:`t` and :math:`U` is elementwise in :math:`G`
 (true of every optimiser in :data:`~auxgen.SUPPORTED_OPTIMIZERS`: SGD with momentum or
-Nesterov, Adam, AdamW and amsgrad, RMSprop, Adagrad, NAdam, RAdam, Adamax), the chain rule collapses to
+Nesterov, Adam, AdamW and amsgrad, RMSprop, Adagrad, NAdam, RAdam, Adamax), the chain rule
+collapses to
 
 .. math::
 

@@ -1,0 +1,256 @@
+"""MAXL in a timm training recipe: timm model, optimiser factory, scheduler, AMP, resume.
+
+The pieces of timm's own ``train.py`` loop, with ``AuxiliaryLabeler.step`` as the update:
+
+* ``timm.create_model`` (``pretrained=False``; any timm classifier works, the labeler finds
+  its head through ``get_classifier()``);
+* ``timm.optim.create_optimizer_v2`` over the model and the auxiliary head, with timm's
+  weight-decay grouping (no decay on biases and norms). The look-ahead mirrors
+  ``torch.optim`` SGD, Adam and AdamW, which is what ``sgd``, ``momentum``, ``nesterov``,
+  ``adam`` and ``adamw`` create;
+* ``timm.scheduler.create_scheduler_v2`` (cosine with warm-up by default), stepped with
+  ``step_update`` after every update and ``step`` after every epoch, as timm does; the
+  look-ahead reads the learning rate the scheduler has just set;
+* a ``DataLoader`` over a torchvision dataset read from ``--data-dir``
+  (``--dataset fashion_mnist``, ``mnist`` or ``cifar10``; ``--download`` fetches it);
+* mixed precision with ``--amp``: ``torch.autocast`` in bfloat16 (CPU and CUDA). The step
+  runs its own backward passes, so there is no ``GradScaler``; bfloat16 needs none
+  (float16 is not recommended, see the mixed-precision section of the distributed-training
+  page of the docs);
+* a checkpoint after every epoch (labeler, both optimisers, scheduler, RNG state), written
+  atomically; ``--resume`` continues exactly where it stopped.
+
+    python examples/timm_train.py --data-dir ~/data --download --epochs 10 --amp
+    python examples/timm_train.py --data-dir ~/data --checkpoint run.pt --resume
+    python examples/timm_train.py --smoke          # fake images, no data on disk, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+import torchvision
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from auxgen import AuxiliaryLabeler
+
+logger = logging.getLogger("timm_train")
+
+# torchvision class, channels, image size, mean, std
+DATASETS: dict[str, tuple[Any, int, int, tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": (torchvision.datasets.FashionMNIST, 1, 28, (0.2860,), (0.3530,)),
+    "mnist": (torchvision.datasets.MNIST, 1, 28, (0.1307,), (0.3081,)),
+    "cifar10": (
+        torchvision.datasets.CIFAR10,
+        3,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
+}
+MIRRORED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+
+
+def build_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
+    """``(train, test, in_chans)``; ``--smoke`` uses ``torchvision.datasets.FakeData``."""
+    cls, chans, size, mean, std = DATASETS[args.dataset]
+    normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if args.smoke:
+        fake = {"image_size": (chans, size, size), "num_classes": 10}
+        tf = transforms.Compose(normalize)
+        train = torchvision.datasets.FakeData(32, **fake, transform=tf, random_offset=0)
+        test = torchvision.datasets.FakeData(16, **fake, transform=tf, random_offset=32)
+        return train, test, chans
+    augment = [transforms.RandomCrop(size, padding=size // 8)]
+    if args.dataset == "cifar10":
+        augment.append(transforms.RandomHorizontalFlip())
+    try:
+        train = cls(
+            args.data_dir,
+            train=True,
+            download=args.download,
+            transform=transforms.Compose(augment + normalize),
+        )
+        test = cls(args.data_dir, train=False, transform=transforms.Compose(normalize))
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise SystemExit(
+            f"{cls.__name__} not found under --data-dir {args.data_dir!r} ({e}); pass "
+            "--download to fetch it, or --smoke to run on fake images"
+        ) from None
+    return train, test, chans
+
+
+def build(
+    args: argparse.Namespace, in_chans: int, updates_per_epoch: int, device: torch.device
+) -> tuple[AuxiliaryLabeler, torch.optim.Optimizer, torch.optim.Optimizer, Any]:
+    """The labeler around a timm model, its two optimisers and timm's scheduler."""
+    model = timm.create_model(args.model, pretrained=False, num_classes=10, in_chans=in_chans)
+    labeler = AuxiliaryLabeler(model, psi=args.psi, meta=args.meta).to(device)
+    # The main optimiser must hold only labeler.model_parameters() (model + auxiliary head);
+    # a ModuleDict over the two lets timm apply its weight-decay grouping to both.
+    multi_task = nn.ModuleDict({"model": labeler.model, "aux_head": labeler.aux_head})
+    opt = create_optimizer_v2(
+        multi_task, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9
+    )
+    # The generator's optimiser is not looked ahead through: any optimiser works.
+    gen_opt = create_optimizer_v2(
+        labeler.generator_parameters(), opt="momentum", lr=args.gen_lr, weight_decay=5e-4
+    )
+    scheduler, _ = create_scheduler_v2(
+        opt,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        min_lr=args.lr * 1e-2,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return labeler, opt, gen_opt, scheduler
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a crash leaves the previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(labeler: AuxiliaryLabeler, loader: DataLoader, args: argparse.Namespace) -> float:
+    """Primary-task accuracy."""
+    device = next(labeler.parameters()).device
+    labeler.eval()
+    correct = total = 0
+    with torch.no_grad(), autocast(args, device):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            correct += int((labeler(x).argmax(1) == y).sum())
+            total += y.numel()
+    return correct / max(total, 1)
+
+
+def autocast(args: argparse.Namespace, device: torch.device) -> Any:
+    """bfloat16 autocast with ``--amp``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="data", help="root folder of the torchvision dataset")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="fashion_mnist")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--model", default="resnet10t", help="any timm classifier")
+    p.add_argument("--psi", type=int, default=5, help="auxiliary classes per class")
+    p.add_argument("--opt", choices=MIRRORED_OPTIMIZERS, default="momentum")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--gen-lr", type=float, default=1e-3)
+    p.add_argument("--sched", default="cosine", help="a timm scheduler name")
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--meta", choices=["second_order", "first_order"], default="second_order")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file, written every epoch")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from --checkpoint when it exists"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="fake images, a tiny model, seconds")
+    args = p.parse_args(argv)
+    if args.resume and args.checkpoint is None:
+        p.error("--resume needs --checkpoint")
+    if args.smoke:
+        args.model, args.batch_size, args.workers = "test_resnet", 16, 0
+        args.epochs = min(args.epochs, 2)
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Train (or resume), evaluate every epoch, checkpoint; return the last epoch's numbers."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    train_set, test_set, in_chans = build_data(args)
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        generator=torch.Generator(),  # reseeded every epoch, so a resumed run sees the same order
+        pin_memory=device.type == "cuda",
+    )
+    test_loader = DataLoader(test_set, batch_size=2 * args.batch_size, num_workers=args.workers)
+    labeler, opt, gen_opt, scheduler = build(args, in_chans, len(loader), device)
+
+    start_epoch = 0
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if args.resume and ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        labeler.load_state_dict(state["labeler"])
+        opt.load_state_dict(state["optimizer"])
+        gen_opt.load_state_dict(state["gen_optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"].cpu())
+        start_epoch = state["epoch"]
+        scheduler.step(start_epoch)  # timm's train.py: set the lr for the resumed epoch
+        logger.info("resumed from %s at epoch %d", ckpt, start_epoch)
+
+    result: dict[str, Any] = {}
+    for epoch in range(start_epoch, args.epochs):
+        loader.generator.manual_seed(args.seed + epoch)  # type: ignore[union-attr]
+        labeler.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(args, device):
+                out = labeler.step(x, y, opt, gen_opt)
+            scheduler.step_update(num_updates=epoch * len(loader) + i + 1)
+            loss_sum += float(out["primary_loss"]) * y.numel()
+            correct += int((out["logits"].argmax(1) == y).sum())
+            seen += y.numel()
+        scheduler.step(epoch + 1)
+        result = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_acc": evaluate(labeler, test_loader, args),
+            "lr": opt.param_groups[0]["lr"],
+        }
+        logger.info(
+            "epoch %d: primary loss %.4f, train acc %.3f, test acc %.3f, lr %.2e",
+            epoch + 1, result["train_loss"], result["train_acc"], result["test_acc"],
+            result["lr"],
+        )  # fmt: skip
+        if ckpt is not None:
+            save_checkpoint(
+                ckpt,
+                {
+                    "labeler": labeler.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "gen_optimizer": gen_opt.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch + 1,
+                    "args": vars(args),
+                },
+            )
+    return result
+
+
+if __name__ == "__main__":
+    main()

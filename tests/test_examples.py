@@ -1,0 +1,204 @@
+"""The example programs users copy: each runs with ``--smoke`` and does what it says.
+
+The quick start, the CIFAR-100 script and the DDP script are run in ``test_cli.py`` and
+``test_distributed.py``; this file runs the timm, Lightning, Accelerate and text examples.
+Lightning and Accelerate are optional dependencies (``pip install "auxgen[lightning]"``,
+``accelerate``); the ``test`` extra installs both, so CI runs every example.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from auxgen import SUPPORTED_OPTIMIZERS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (the examples are not a package)."""
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Exact equality of nested dicts / lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+# ------------------------------------------------------------------------------------ timm
+def test_timm_example_offers_only_mirrored_optimizers() -> None:
+    """Every ``--opt`` choice makes timm build an optimiser the look-ahead mirrors."""
+    from timm.optim import create_optimizer_v2
+
+    timm_train = load_example("timm_train")
+    params = [nn.Parameter(torch.zeros(3))]
+    for name in timm_train.MIRRORED_OPTIMIZERS:
+        opt = create_optimizer_v2(params, opt=name, lr=0.1, momentum=0.9)
+        assert type(opt) in SUPPORTED_OPTIMIZERS, name
+
+
+def test_timm_example_smoke_amp_and_exact_resume(tmp_path: Path, monkeypatch) -> None:
+    """Two epochs in one go equal one epoch, a crash after its checkpoint, and a resume."""
+    timm_train = load_example("timm_train")
+    args = ["--smoke", "--amp"]
+    full = timm_train.main([*args, "--checkpoint", str(tmp_path / "full.pt")])
+    assert full["epoch"] == 2
+    assert full["lr"] == pytest.approx(0.05 * 1e-2)  # timm's cosine schedule ended at min_lr
+
+    save = timm_train.save_checkpoint
+
+    def save_then_crash(path: Path, state: dict[str, Any]) -> None:
+        save(path, state)
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part.pt"
+    monkeypatch.setattr(timm_train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        timm_train.main([*args, "--checkpoint", str(part)])
+    assert torch.load(part, weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(timm_train, "save_checkpoint", save)
+    resumed = timm_train.main([*args, "--checkpoint", str(part), "--resume"])
+
+    assert resumed == full
+    a = torch.load(tmp_path / "full.pt", weights_only=False)
+    b = torch.load(part, weights_only=False)
+    for key in ("labeler", "optimizer", "gen_optimizer", "scheduler", "epoch"):
+        assert_same(a[key], b[key], key)
+    # the optimiser really stepped: a momentum buffer for every parameter it holds
+    n_params = sum(len(g["params"]) for g in a["optimizer"]["param_groups"])
+    assert len(a["optimizer"]["state"]) == n_params
+    labeler = a["labeler"]
+    floats = [v for v in labeler.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for v in floats)  # autocast left the weights float32
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+def test_timm_example_without_data_says_how_to_get_it(tmp_path: Path) -> None:
+    timm_train = load_example("timm_train")
+    with pytest.raises(SystemExit, match=r"FashionMNIST not found under --data-dir .*--download"):
+        timm_train.main(["--data-dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------- Lightning
+# Lightning 2.6 still calls torch.utils._pytree.LeafSpec, deprecated in torch 2.14.
+LEAFSPEC_DEPRECATED = "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"
+
+
+@pytest.mark.filterwarnings(LEAFSPEC_DEPRECATED)
+def test_lightning_example_smoke(monkeypatch) -> None:
+    """``Trainer(fast_dev_run=2)`` on CPU in bfloat16: two MAXL steps and a validation."""
+    pytest.importorskip("lightning")
+    example = load_example("lightning_module")
+    initial: dict[str, torch.Tensor] = {}
+
+    class Recorded(example.MAXLModule):  # keeps a copy of the initial weights
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            initial.update({k: v.clone() for k, v in self.labeler.named_parameters()})
+
+    monkeypatch.setattr(example, "MAXLModule", Recorded)
+    trainer = example.main(["--smoke", "--precision", "bf16-mixed"])
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+    assert trainer.global_step == 2  # Lightning counted the labeler's steps
+    metrics = trainer.callback_metrics
+    for key in ("train/primary_loss", "train/aux_loss", "train/meta_loss", "val/acc"):
+        assert torch.isfinite(metrics[key]), key
+    labeler = trainer.lightning_module.labeler
+    opt, gen_opt = (o.optimizer if hasattr(o, "optimizer") else o for o in trainer.optimizers)
+    assert set(map(id, opt.state)) == set(map(id, labeler.model_parameters()))  # stepped
+    assert all("momentum_buffer" in s for s in opt.state.values())
+    assert initial.keys() == dict(labeler.named_parameters()).keys()
+    for name, p in labeler.named_parameters():  # model, auxiliary head and generator
+        assert not torch.equal(p, initial[name]), f"{name} was not updated"
+
+
+# ------------------------------------------------------------------------------ Accelerate
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: reset them afterwards."""
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_accelerate_example_smoke(tmp_path: Path, fresh_accelerate_state) -> None:
+    """One process, bfloat16 autocast from Accelerate, the labeler not wrapped in DDP."""
+    example = load_example("accelerate_train")
+    result = example.main(["--smoke", "--mixed-precision", "bf16", "--out", str(tmp_path / "c.pt")])
+    assert result["epoch"] == 2 and result["max_divergence"] == 0.0
+    assert 0.0 <= result["test_acc"] <= 1.0
+    state = torch.load(tmp_path / "c.pt", weights_only=False)["labeler"]
+    assert {"model.fc.weight", "aux_head.weight", "owner"} <= set(state)  # not a DDP module.*
+    floats = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for v in floats)
+
+
+@pytest.mark.slow
+def test_accelerate_example_two_processes(tmp_path: Path) -> None:
+    """Under torchrun with two CPU processes the parameters stay identical without DDP."""
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += ["2", str(ROOT / "examples" / "accelerate_train.py"), "--smoke"]
+    cmd += ["--out", str(tmp_path / "c.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "2 process(es)" in log and "parameters identical on all 2 process(es)" in log, log
+    assert (tmp_path / "c.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------ text
+def test_text_corpus_has_the_planted_hierarchy() -> None:
+    """Documents carry their own sub-topic's keywords at the rate the generator asks for."""
+    example = load_example("text_classifier")
+    corpus = example.SyntheticTopics(topics=3, subtopics=2, keywords=4, background=50)
+    tokens, topic, sub = corpus.sample(600, split=0, p_own=0.25, p_other=0.05)
+    assert tokens.shape == (600, 24) and torch.equal(topic, sub // 2)
+    assert torch.bincount(sub).tolist() == [100] * 6
+    first = 1 + corpus.background + sub[:, None] * corpus.keywords  # own keyword ids
+    real = tokens != example.PAD
+    own = (tokens >= first) & (tokens < first + corpus.keywords)
+    rate = own.sum() / real.sum()
+    # own keywords: p_own, plus the p_other noise that lands on the own sub-topic (1/6)
+    assert float(rate) == pytest.approx(0.25 + 0.05 / 6, abs=0.02)
+    assert int(real.sum(1).min()) >= 8 and int(tokens.max()) < corpus.vocab_size
+
+
+def test_text_classifier_example_smoke(capsys) -> None:
+    example = load_example("text_classifier")
+    result = example.main(["--smoke"])
+    for name in example.RUNS:
+        assert result[f"{name} accuracy"] > 0.5, result  # 4 topics: chance is 0.25
+    assert 0.0 <= result["MAXL sub-topic NMI"] <= 1.0
+    out = capsys.readouterr().out
+    assert "single-task accuracy" in out and "MAXL accuracy" in out
