@@ -108,7 +108,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``auxgen`` command."""
-    from .runner import DATASETS, GENERATORS, META_MODES, META_SOURCES, OPTIMIZERS, SCHEDULES
+    from .experiments.config import (
+        DATASETS,
+        GENERATORS,
+        META_MODES,
+        META_SOURCES,
+        OPTIMIZERS,
+        SCHEDULES,
+    )
 
     parser = _Parser(
         prog="auxgen",
@@ -268,7 +275,7 @@ def _check_data_dir(path: str, download: bool) -> None:
 
 
 def _report(result: dict[str, Any], out: Optional[str]) -> None:
-    from .runner import format_table
+    from .experiments.sweep import format_table
 
     print(format_table(result["summary"]))
     if out is not None:
@@ -281,7 +288,8 @@ def _report(result: dict[str, Any], out: Optional[str]) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .runner import parse_method, run_demo
+    from .experiments.config import parse_method
+    from .experiments.sweep import run_demo
 
     for m in args.methods:
         parse_method(m)
@@ -308,7 +316,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, check_backbone, check_config, parse_variant, run_sweep
+    from .experiments.config import RunConfig, check_config, parse_variant
+    from .experiments.models import check_backbone
+    from .experiments.sweep import run_sweep
 
     check_backbone(args.backbone)
     data_dir = args.data_dir
@@ -362,7 +372,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _init_distributed(args.dist_timeout)
     try:
         result = run_sweep(base, args.methods, args.seeds, out, title=f"auxgen run: {args.dataset}")
-        from .runner import is_main_process
+        from .experiments.runtime import is_main_process
 
         if is_main_process():
             _report(result, out)

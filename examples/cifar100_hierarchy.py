@@ -1,6 +1,6 @@
 """CIFAR-100 with the MAXL hierarchy: primary = 20 superclasses, psi = 5 (100 fine classes).
 
-A thin wrapper over :func:`auxgen.runner.run_sweep` (the same as ``auxgen run --dataset
+A thin wrapper over :func:`auxgen.experiments.sweep.run_sweep` (the same as ``auxgen run --dataset
 cifar100``) whose defaults are the regime of ``docs/results.md``: 20 training images per fine
 class, no augmentation, 25 epochs of one-cycle SGD, every method with the same small CNN
 (width 16).
@@ -17,7 +17,8 @@ import logging
 import os
 from typing import Optional
 
-from auxgen.runner import RunConfig, format_table, run_sweep
+from auxgen.experiments.config import RunConfig
+from auxgen.experiments.sweep import format_table, run_sweep
 
 METHODS = ["single", "human", "random", "kmeans", "maxl-copy", "maxl-head"]
 

@@ -144,7 +144,9 @@ def load_data(args: argparse.Namespace, rank: int, local_rank: int) -> tuple[Dat
         return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
     if args.data_dir is None:
         raise SystemExit("--data-dir is required (or pass --smoke to train on random tensors)")
-    from auxgen.data import CIFAR100_MEAN, CIFAR100_STD, TensorImageDataset, load_cifar100
+    from auxgen.experiments.augment import TensorImageDataset
+    from auxgen.experiments.cifar import load_cifar100
+    from auxgen.experiments.datasets import CIFAR100_MEAN, CIFAR100_STD
 
     if args.download and local_rank != 0 and is_dist():
         dist.barrier()  # local rank 0 downloads first

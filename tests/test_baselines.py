@@ -1,4 +1,4 @@
-"""Tests for auxgen.baselines: human, random and k-means auxiliary labels."""
+"""Tests for auxgen.experiments.baselines: human, random and k-means auxiliary labels."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from auxgen.baselines import (
+from auxgen.experiments.baselines import (
     check_aux_labels,
     human_aux_labels,
     kmeans_aux_labels,
     random_aux_labels,
 )
-from auxgen.data import CIFAR100_FINE_TO_COARSE, hierarchy_psi
+from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE, hierarchy_psi
 from auxgen.hierarchy import owner_index, psi_offsets
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from auxgen.cli import main
-from auxgen.data import CIFAR100_FINE_TO_COARSE
+from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for auxgen.data: CIFAR-100 hierarchy, pickle loaders, digits and the tensor dataset."""
+"""The experiments' data: CIFAR-100 hierarchy, pickle loaders, digits and the tensor dataset."""
 
 from __future__ import annotations
 
@@ -11,22 +11,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from auxgen import data
-from auxgen.data import (
+from auxgen.experiments import datasets, hierarchies
+from auxgen.experiments.augment import TensorImageDataset, random_crop_flip
+from auxgen.experiments.cifar import load_cifar10, load_cifar100
+from auxgen.experiments.datasets import load_digits_hierarchy
+from auxgen.experiments.hierarchies import (
     CIFAR100_10_TO_3,
     CIFAR100_COARSE_TO_10,
     CIFAR100_FINE_TO_COARSE,
     CIFAR100_LEVEL_NAMES,
     CIFAR100_LEVELS,
-    TensorImageDataset,
     cifar100_hierarchy,
     cifar100_labels,
     hierarchy_aux_names,
     hierarchy_psi,
-    load_cifar10,
-    load_cifar100,
-    load_digits_hierarchy,
-    random_crop_flip,
 )
 from auxgen.hierarchy import owner_index, psi_offsets
 
@@ -43,8 +41,8 @@ def test_fine_to_coarse_table_is_the_standard_one():
     assert sorted(set(table)) == list(range(20))
     assert np.bincount(table).tolist() == [5] * 20
     # spot checks from the official class list
-    names = data.CIFAR100_FINE_NAMES
-    coarse = data.CIFAR100_COARSE_NAMES
+    names = hierarchies.CIFAR100_FINE_NAMES
+    coarse = hierarchies.CIFAR100_COARSE_NAMES
     assert coarse[table[names.index("beaver")]] == "aquatic_mammals"
     assert coarse[table[names.index("mushroom")]] == "fruit_and_vegetables"
     assert coarse[table[names.index("bear")]] == "large_carnivores"
@@ -186,8 +184,8 @@ def _fake_cifar100(root: Path, n_train: int = 12, n_test: int = 7, seed: int = 0
     _dump(
         root / "cifar-100-python" / "meta",
         {
-            "fine_label_names": list(data.CIFAR100_FINE_NAMES),
-            "coarse_label_names": list(data.CIFAR100_COARSE_NAMES),
+            "fine_label_names": list(hierarchies.CIFAR100_FINE_NAMES),
+            "coarse_label_names": list(hierarchies.CIFAR100_COARSE_NAMES),
         },
     )
     return out
@@ -453,8 +451,8 @@ def test_tensor_image_dataset_augmentation_is_reproducible():
         ds = TensorImageDataset(
             images,
             y,
-            mean=data.CIFAR100_MEAN,
-            std=data.CIFAR100_STD,
+            mean=datasets.CIFAR100_MEAN,
+            std=datasets.CIFAR100_STD,
             augment=True,
             generator=torch.Generator().manual_seed(seed),
         )

@@ -148,7 +148,7 @@ def test_full_disk_under_torchrun_stops_every_rank(tmp_path: Path) -> None:
     line = f"auxgen: error: cannot write checkpoint {ckpt}: No space left on device (ENOSPC)"
     assert log.count(line) == 2, log[-3000:]  # once per rank
     assert "exitcode  : 1" in log, log[-3000:]
-    assert "runner.py" not in log, log[-3000:]  # no worker traceback: both ranks said the line
+    assert "training.py" not in log, log[-3000:]  # no worker traceback: both ranks said the line
     assert load_checkpoint(ckpt)["epoch"] == 1
     assert _temporaries(out) == []
 

@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from auxgen.runner import (
-    RunConfig,
-    SmallCNN,
-    build_model,
-    check_backbone,
-    check_config,
-    format_table,
-    load_data,
-    markdown_table,
-    parse_method,
-    run_sweep,
-    summarize,
-    train,
-)
+from auxgen.experiments.config import RunConfig, check_config, parse_method
+from auxgen.experiments.datasets import load_data
+from auxgen.experiments.models import SmallCNN, build_model, check_backbone
+from auxgen.experiments.sweep import format_table, markdown_table, run_sweep, summarize
+from auxgen.experiments.training import train
 
 TINY = RunConfig(
     dataset="digits",
@@ -167,17 +158,17 @@ def test_sweep_writes_summary(tmp_path: Path) -> None:
 def test_diagnostics_records_grad_cosine_per_epoch_and_plots_it(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import auxgen.plots
+    import auxgen.experiments.plots
     from auxgen.cli import main
 
     drawn: dict = {}
-    real_plot = auxgen.plots.plot_accuracy
+    real_plot = auxgen.experiments.plots.plot_accuracy
 
     def spy(curves, path, title=None, **kwargs):
         drawn.update(kwargs)
         real_plot(curves, path, title, **kwargs)
 
-    monkeypatch.setattr(auxgen.plots, "plot_accuracy", spy)
+    monkeypatch.setattr(auxgen.experiments.plots, "plot_accuracy", spy)
     argv = ["run", "--dataset", "digits", "--methods", "single", "maxl-head", "--seeds", "0"]
     argv += ["--smoke", "--threads", "1", "--no-progress", "-q", "--diagnostics"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
