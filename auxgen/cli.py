@@ -32,8 +32,6 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("auxgen")
 
-DEFAULT_METHODS = ("single", "human", "random", "kmeans", "maxl")
-
 
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line (plus exit status 2)."""
@@ -108,15 +106,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``auxgen`` command."""
-    from .experiments.config import (
-        DATASETS,
-        GENERATORS,
-        META_MODES,
-        META_SOURCES,
-        OPTIMIZERS,
-        SCHEDULES,
-    )
-
     parser = _Parser(
         prog="auxgen",
         description="Meta AuXiliary Learning (MAXL): train classifiers with generated "
@@ -126,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = parser.add_subparsers(dest="command", metavar="{demo,run}")
     sub.required = True
+    _add_demo(sub)
+    _add_run(sub)
+    return parser
+
+
+def _add_demo(sub: Any) -> None:
+    from .experiments.config import METHODS
 
     demo = sub.add_parser(
         "demo",
@@ -147,13 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--methods",
         nargs="+",
-        default=list(DEFAULT_METHODS),
-        help="methods to compare (default: single human random kmeans maxl)",
+        default=list(METHODS),
+        help=f"methods to compare (default: {' '.join(METHODS)})",
     )
     demo.add_argument("--smoke", action="store_true", help="finish in seconds (tiny budget)")
     _add_common(demo)
     demo.set_defaults(func=_cmd_demo, threads=1)
 
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="train methods x seeds on a dataset",
@@ -161,7 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
         "and budget. Each run writes OUT/<method>/seed<k>/results.json and a checkpoint "
         "(resumed automatically); OUT gets results.json, results.md and accuracy.png.",
     )
-    g = run.add_argument_group("task")
+    _add_task_options(run.add_argument_group("task"))
+    _add_data_options(run.add_argument_group("data"))
+    _add_model_options(run.add_argument_group("model and optimisation"))
+    _add_maxl_options(run.add_argument_group("MAXL"))
+    _add_execution_options(run.add_argument_group("execution"))
+    _add_common(run)
+    run.set_defaults(func=_cmd_run)
+
+
+# The defaults of ``auxgen run`` are those of RunConfig (read from the class, not repeated).
+
+
+def _add_task_options(g: Any) -> None:
+    from .experiments.config import DATASETS, GENERATORS, METHODS
+
+    named = ", ".join([*METHODS, *(f"maxl-{gen}" for gen in GENERATORS)])
     g.add_argument("--dataset", choices=DATASETS, required=True)
     g.add_argument(
         "--method",
@@ -169,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="methods",
         nargs="+",
         default=["maxl"],
-        help="single, human, random, kmeans, maxl, maxl-copy, maxl-head, or "
-        "maxl-<generator>-<meta source> such as maxl-head-next (several allowed)",
+        help=f"{named}, or maxl-<generator>-<meta source> such as maxl-head-next (several allowed)",
     )
     g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0])
     g.add_argument(
@@ -178,70 +190,91 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--aux-level", type=int, default=None, help="CIFAR-100 aux level (100)")
     g.add_argument("--psi", type=int, nargs="+", default=None, help="aux classes per class")
-    g = run.add_argument_group("data")
+
+
+def _add_data_options(g: Any) -> None:
+    from .experiments.config import RunConfig as D
+
     g.add_argument("--data-dir", default=None, help="folder with cifar-100-python/ etc.")
     g.add_argument("--download", action="store_true", help="download CIFAR if missing")
     g.add_argument(
         "--train-subset",
         type=_subset_or_fraction,
-        default=None,
+        default=D.train_subset,
         help="training images per fine class (25), or a fraction of each (5%% or 0.05)",
     )
     g.add_argument(
         "--val-fraction",
         type=_fraction,
-        default=0.0,
+        default=D.val_fraction,
         help="fraction of the training subset carved out for validation (per-epoch curves "
         "and the choice of settings use it; the test set is then evaluated once, at the end)",
     )
-    g.add_argument("--test-limit", type=_positive_int, default=None)
+    g.add_argument("--test-limit", type=_positive_int, default=D.test_limit)
     g.add_argument(
         "--eval-subset",
         type=_positive_int,
-        default=None,
+        default=D.eval_subset,
         help="test images for the per-epoch curve (final accuracy uses all)",
     )
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the training subset")
-    g = run.add_argument_group("model and optimisation")
-    g.add_argument("--backbone", default="cnn", help="cnn, mlp, a timm or torchvision:NAME model")
-    g.add_argument("--width", type=_positive_int, default=32, help="width of the cnn backbone")
-    g.add_argument("--epochs", type=_positive_int, default=10)
-    g.add_argument("--batch-size", type=_positive_int, default=64)
-    g.add_argument("--lr", type=_float, default=0.05)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    g.add_argument("--momentum", type=_float, default=0.9)
-    g.add_argument("--weight-decay", type=_float, default=5e-4)
-    g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    g.add_argument("--aux-weight", type=_float, default=1.0)
-    g = run.add_argument_group("MAXL")
-    g.add_argument("--generator", choices=GENERATORS, default="copy")
-    g.add_argument("--gen-lr", type=_float, default=1e-3)
-    g.add_argument("--gen-weight-decay", type=_float, default=5e-4)
-    g.add_argument("--meta", choices=META_MODES, default="second_order")
-    g.add_argument("--meta-every", type=_positive_int, default=1)
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=D.augment)
+    g.add_argument("--data-seed", type=int, default=D.data_seed, help="seed of the training subset")
+
+
+def _add_model_options(g: Any) -> None:
+    from .experiments.config import OPTIMIZERS, SCHEDULES
+    from .experiments.config import RunConfig as D
+
+    g.add_argument(
+        "--backbone", default=D.backbone, help="cnn, mlp, a timm or torchvision:NAME model"
+    )
+    g.add_argument("--width", type=_positive_int, default=D.width, help="width of the cnn backbone")
+    g.add_argument("--epochs", type=_positive_int, default=D.epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=D.batch_size)
+    g.add_argument("--lr", type=_float, default=D.lr)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=D.optimizer)
+    g.add_argument("--momentum", type=_float, default=D.momentum)
+    g.add_argument("--weight-decay", type=_float, default=D.weight_decay)
+    g.add_argument("--schedule", choices=SCHEDULES, default=D.schedule)
+    g.add_argument("--aux-weight", type=_float, default=D.aux_weight)
+
+
+def _add_maxl_options(g: Any) -> None:
+    from .experiments.config import GENERATORS, META_MODES, META_SOURCES
+    from .experiments.config import RunConfig as D
+
+    g.add_argument("--generator", choices=GENERATORS, default=D.generator)
+    g.add_argument("--gen-lr", type=_float, default=D.gen_lr)
+    g.add_argument("--gen-weight-decay", type=_float, default=D.gen_weight_decay)
+    g.add_argument("--meta", choices=META_MODES, default=D.meta)
+    g.add_argument("--meta-every", type=_positive_int, default=D.meta_every)
     g.add_argument(
         "--meta-source",
         choices=META_SOURCES,
-        default="train",
+        default=D.meta_source,
         help="meta loss on the batch just trained on (train, the paper), the next batch, "
         "or a held-out meta split (heldout)",
     )
     g.add_argument(
         "--meta-fraction",
         type=_fraction,
-        default=0.1,
-        help="fraction of the training images held out for --meta-source heldout (0.1)",
+        default=D.meta_fraction,
+        help=f"fraction of the training images held out for --meta-source heldout "
+        f"({D.meta_fraction})",
     )
-    g.add_argument("--entropy-weight", type=_float, default=0.2)
+    g.add_argument("--entropy-weight", type=_float, default=D.entropy_weight)
     g.add_argument(
         "--diagnostics",
         action="store_true",
         help="record the cosine of the primary and auxiliary gradients per epoch",
     )
-    g = run.add_argument_group("execution")
+
+
+def _add_execution_options(g: Any) -> None:
+    from .experiments.config import RunConfig as D
+
     g.add_argument("--out", default=None, help="output folder (default: runs/<dataset>)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--device", default=D.device, help="cpu, cuda, cuda:N or auto")
     g.add_argument("--deterministic", action="store_true")
     r = g.add_mutually_exclusive_group()
     r.add_argument(
@@ -261,9 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: seconds a rank waits for the others before failing (600)",
     )
     g.add_argument("--smoke", action="store_true", help="a seconds-long run")
-    _add_common(run)
-    run.set_defaults(func=_cmd_run)
-    return parser
 
 
 def _check_data_dir(path: str, download: bool) -> None:
@@ -326,46 +356,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         data_dir = data_dir if data_dir is not None else "data"
         _check_data_dir(data_dir, args.download)
     psi = None if args.psi is None else (args.psi[0] if len(args.psi) == 1 else tuple(args.psi))
-    base = RunConfig(
-        dataset=args.dataset,
-        backbone=args.backbone,
-        width=args.width,
-        primary_level=args.primary_level,
-        aux_level=args.aux_level,
-        psi=psi,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        gen_lr=args.gen_lr,
-        gen_weight_decay=args.gen_weight_decay,
-        generator=args.generator,
-        meta=args.meta,
-        meta_every=args.meta_every,
-        meta_source=args.meta_source,
-        meta_fraction=args.meta_fraction,
-        aux_weight=args.aux_weight,
-        entropy_weight=args.entropy_weight,
-        diagnostics=args.diagnostics,
-        data_seed=args.data_seed,
-        train_subset=args.train_subset,
-        val_fraction=args.val_fraction,
-        test_limit=args.test_limit,
-        eval_subset=args.eval_subset,
-        augment=args.augment,
-        data_dir=data_dir if data_dir is not None else "data",
-        download=args.download,
-        device=args.device,
-        threads=args.threads,
-        deterministic=args.deterministic,
-        resume=args.resume,
-        checkpoint=args.checkpoint,
-        progress=args.progress,
-        smoke=args.smoke,
-    )
+    # Every option named after a RunConfig field is that field.
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    options.update(psi=psi, data_dir=data_dir if data_dir is not None else "data")
+    base = RunConfig(**options)
     for m in args.methods:
         check_config(dataclasses.replace(base, method=parse_variant(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"

@@ -278,9 +278,6 @@ def kmeans_aux_labels(
         >>> kmeans_aux_labels(x, torch.zeros(6, dtype=torch.long), [3], pca_dim=None).tolist()
         [2, 0, 1, 0, 1, 0]
     """
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
     seed = _check_seed(seed)
     y_t, psi_t = _primary_and_psi(y, psi, num_classes)
     n = y_t.numel()
@@ -292,41 +289,52 @@ def kmeans_aux_labels(
     if isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init <= 0:
         raise ValueError(f"n_init must be a positive int, got {n_init!r}")
 
-    if pca_dim is not None and n >= 2:
-        d_in = feats.shape[1]
-        n_components = min(int(pca_dim), n, d_in)
-        if n_components < d_in:
-            feats = PCA(n_components=n_components, random_state=seed).fit_transform(feats)
-            feats = np.ascontiguousarray(feats, dtype=np.float32)
-            logger.debug("k-means baseline: PCA %d -> %d dims", d_in, n_components)
-
+    feats = _pca(feats, pca_dim, seed)
     y_np = y_t.numpy()
     offsets = psi_offsets(psi_t)
     aux = np.empty(n, dtype=np.int64)
     for i, k_max in enumerate(psi_t):
         idx = np.flatnonzero(y_np == i)
-        if idx.size == 0:
-            continue
-        x_i = feats[idx]
-        k = min(k_max, len(np.unique(x_i, axis=0)))
-        if k < k_max:
-            logger.info(
-                "k-means baseline: primary class %d has %d distinct samples, using %d of its "
-                "%d auxiliary classes",
-                i,
-                k,
-                k,
-                k_max,
-            )
-        if k <= 1:
-            labels = np.zeros(idx.size, dtype=np.int64)
-        else:
-            km = KMeans(n_clusters=k, n_init=int(n_init), random_state=seed)
-            labels = km.fit_predict(x_i).astype(np.int64)
-            order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
-            rank = np.empty(k, dtype=np.int64)
-            rank[order] = np.arange(k)
-            labels = rank[labels]
-        aux[idx] = offsets[i] + labels
+        if idx.size:
+            aux[idx] = offsets[i] + _cluster(feats[idx], i, k_max, int(n_init), seed)
     out = torch.from_numpy(aux)
     return out.to(y.device) if isinstance(y, Tensor) else out
+
+
+def _pca(feats: np.ndarray, pca_dim: Optional[int], seed: int) -> np.ndarray:
+    """``feats`` reduced to ``min(pca_dim, N, D)`` PCA components (unchanged if not fewer)."""
+    from sklearn.decomposition import PCA
+
+    n, d_in = feats.shape
+    if pca_dim is None or n < 2:
+        return feats
+    n_components = min(int(pca_dim), n, d_in)
+    if n_components < d_in:
+        feats = PCA(n_components=n_components, random_state=seed).fit_transform(feats)
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        logger.debug("k-means baseline: PCA %d -> %d dims", d_in, n_components)
+    return feats
+
+
+def _cluster(x_i: np.ndarray, i: int, k_max: int, n_init: int, seed: int) -> np.ndarray:
+    """Cluster indices of primary class ``i``'s samples, numbered by decreasing size."""
+    from sklearn.cluster import KMeans
+
+    k = min(k_max, len(np.unique(x_i, axis=0)))
+    if k < k_max:
+        logger.info(
+            "k-means baseline: primary class %d has %d distinct samples, using %d of its "
+            "%d auxiliary classes",
+            i,
+            k,
+            k,
+            k_max,
+        )
+    if k <= 1:
+        return np.zeros(x_i.shape[0], dtype=np.int64)
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    labels = km.fit_predict(x_i).astype(np.int64)
+    order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
+    rank = np.empty(k, dtype=np.int64)
+    rank[order] = np.arange(k)
+    return rank[labels]

@@ -353,6 +353,19 @@ class HierarchicalData:
         return sum(self.psi)
 
 
+def _check_split_args(test_fraction: Any, seed: Any) -> None:
+    """Raise if the arguments of :func:`load_digits_hierarchy` are of the wrong type or range."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
+        raise TypeError(
+            f"test_fraction must be a float in (0, 1), got {type(test_fraction).__name__} "
+            f"{test_fraction!r}"
+        )
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+
+
 def load_digits_hierarchy(test_fraction: float = 0.3, seed: int = 0) -> HierarchicalData:
     """scikit-learn's 8x8 digits as a 2-class problem with the digit as human auxiliary label.
 
@@ -382,16 +395,7 @@ def load_digits_hierarchy(test_fraction: float = 0.3, seed: int = 0) -> Hierarch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
-        raise TypeError(
-            f"test_fraction must be a float in (0, 1), got {type(test_fraction).__name__} "
-            f"{test_fraction!r}"
-        )
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-
+    _check_split_args(test_fraction, seed)
     digits = load_digits()
     x = np.asarray(digits.images, dtype=np.float32) / 16.0  # values 0..16 -> [0, 1]
     digit = np.asarray(digits.target, dtype=np.int64)

@@ -208,22 +208,28 @@ def run_sweep(
         "runs": runs,
     }
     if out is not None and is_main_process():
-        write_json(out / RESULTS_NAME, result)
-        md = [f"# {title or 'auxgen results'}", "", markdown_table(rows), ""]
-        (out / "results.md").write_text("\n".join(md))
-        from .plots import plot_accuracy
-
-        cosines = _curves(runs, "train_grad_cosine")
-        has_val = any(r["history"] and "val_accuracy" in r["history"][0] for r in runs)
-        plot_accuracy(
-            _curves(runs),
-            out / "accuracy.png",
-            title=title,
-            grad_cosine=cosines or None,
-            ylabel="validation accuracy (%)" if has_val else "test accuracy (%)",
-        )
-        _plot_maxl(runs, out)
+        _write_summary(result, out)
     return result
+
+
+def _write_summary(result: dict[str, Any], out: Path) -> None:
+    """``results.json``, ``results.md``, ``accuracy.png`` and the MAXL figures of a sweep."""
+    title, rows, runs = result["title"], result["summary"], result["runs"]
+    write_json(out / RESULTS_NAME, result)
+    md = [f"# {title or 'auxgen results'}", "", markdown_table(rows), ""]
+    (out / "results.md").write_text("\n".join(md))
+    from .plots import plot_accuracy
+
+    cosines = _curves(runs, "train_grad_cosine")
+    has_val = any(r["history"] and "val_accuracy" in r["history"][0] for r in runs)
+    plot_accuracy(
+        _curves(runs),
+        out / "accuracy.png",
+        title=title,
+        grad_cosine=cosines or None,
+        ylabel="validation accuracy (%)" if has_val else "test accuracy (%)",
+    )
+    _plot_maxl(runs, out)
 
 
 def _plot_maxl(runs: Sequence[dict[str, Any]], out: Path) -> None:
