@@ -158,6 +158,7 @@ def test_quickstart_example_smoke(capsys) -> None:
     assert "step 1:" in out and "generated aux classes" in out
 
 
+@pytest.mark.filterwarnings("ignore::auxgen.experiments.cifar.ChecksumWarning")
 def test_cifar100_example_smoke(tmp_path: Path, capsys) -> None:
     data_dir = _fake_cifar100(tmp_path / "data")
     out = tmp_path / "out"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,12 @@ from torch.utils.data import DataLoader
 
 from auxgen.experiments import datasets, hierarchies
 from auxgen.experiments.augment import TensorImageDataset, random_crop_flip
-from auxgen.experiments.cifar import load_cifar10, load_cifar100
+from auxgen.experiments.cifar import (
+    ChecksumWarning,
+    CIFAR100Dataset,
+    load_cifar10,
+    load_cifar100,
+)
 from auxgen.experiments.datasets import load_digits_hierarchy
 from auxgen.experiments.hierarchies import (
     CIFAR100_10_TO_3,
@@ -205,6 +212,7 @@ def _fake_cifar10(root: Path, n: int = 4, seed: int = 0) -> dict:
     return out
 
 
+@pytest.mark.filterwarnings("ignore::auxgen.experiments.cifar.ChecksumWarning")
 @pytest.mark.parametrize("train", [True, False])
 def test_load_cifar100_round_trip(tmp_path, train):
     fake = _fake_cifar100(tmp_path)
@@ -236,21 +244,58 @@ def test_load_cifar100_missing_folder(tmp_path):
 
 
 def test_load_cifar100_download_uses_torchvision(tmp_path, monkeypatch):
-    import torchvision.datasets
+    import torchvision.datasets.cifar
 
     calls = []
 
-    def fake_cifar100(root, train, download):
-        calls.append((root, train, download))
+    def fake_download(url, root, filename, md5):
+        calls.append((root, filename))
         _fake_cifar100(Path(root))
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR100", fake_cifar100)
-    images, fine, _ = load_cifar100(tmp_path, train=True, download=True)
-    assert calls == [(str(tmp_path), True, True)]
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
+    with pytest.warns(ChecksumWarning):  # the fake files are not the official ones
+        images, fine, _ = load_cifar100(tmp_path, train=True, download=True)
+    assert calls == [(str(tmp_path), "cifar-100-python.tar.gz")]
     assert images.shape[0] == fine.shape[0] == 12
     # already present: no second download
-    load_cifar100(tmp_path, train=False, download=True)
+    with pytest.warns(ChecksumWarning):
+        load_cifar100(tmp_path, train=False, download=True)
     assert len(calls) == 1
+
+
+def test_cifar100_files_that_differ_from_the_release_are_read_with_a_warning(tmp_path):
+    fake = _fake_cifar100(tmp_path)
+    with pytest.warns(ChecksumWarning, match=r"cifar-100-python.test: md5 differs"):
+        ds = CIFAR100Dataset(tmp_path, train=False)
+    n = len(fake["test"]["fine_labels"])
+    assert len(ds) == n and ds.images.shape == (n, 3, 32, 32) and ds.data.shape == (n, 32, 32, 3)
+    assert ds.targets == fake["test"]["fine_labels"]
+    assert ds.coarse_labels.tolist() == fake["test"]["coarse_labels"]
+    image, label = ds[0]  # torchvision's item: a PIL image and the fine label
+    assert image.size == (32, 32) and label == fake["test"]["fine_labels"][0]
+    assert ds.classes[label] == hierarchies.CIFAR100_FINE_NAMES[label]
+
+
+DATA_DIR = Path(os.environ.get("AUXGEN_DATA_DIR", "~/data")).expanduser()
+
+
+@pytest.mark.skipif(
+    not (DATA_DIR / "cifar-100-python" / "test").is_file(),
+    reason="no CIFAR-100 copy in AUXGEN_DATA_DIR (default ~/data)",
+)
+def test_local_cifar100_copy_loads():
+    from torchvision.datasets.utils import check_integrity
+
+    path = DATA_DIR / "cifar-100-python" / "test"
+    official = check_integrity(str(path), CIFAR100Dataset.test_list[0][1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images, fine, coarse = load_cifar100(DATA_DIR, train=False)
+    md5 = [w for w in caught if issubclass(w.category, ChecksumWarning)]
+    assert len(md5) == (0 if official else 1), [str(w.message) for w in caught]
+    assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8
+    assert fine.shape == coarse.shape == (10000,)
+    assert torch.bincount(fine, minlength=100).tolist() == [100] * 100
 
 
 def test_load_cifar100_malformed(tmp_path):
@@ -294,6 +339,7 @@ def test_load_cifar100_bad_data_dir_type():
         load_cifar100(123, train=True)
 
 
+@pytest.mark.filterwarnings("ignore::auxgen.experiments.cifar.ChecksumWarning")
 def test_load_cifar10_round_trip(tmp_path):
     fake = _fake_cifar10(tmp_path)
     images, labels = load_cifar10(tmp_path, train=True)

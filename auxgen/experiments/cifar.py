@@ -1,23 +1,214 @@
-"""CIFAR-100 and CIFAR-10 files in torchvision's on-disk format."""
+"""CIFAR-100 and CIFAR-10 through ``torchvision.datasets``, reading re-packed copies too.
+
+:class:`CIFAR100Dataset` and :class:`CIFAR10Dataset` are torchvision's ``CIFAR100`` and
+``CIFAR10`` (same on-disk layout, file list, ``download=True`` and ``__getitem__`` with
+transforms) with two differences:
+
+* A file whose md5 differs from the official release's is read, with a
+  :class:`ChecksumWarning`, instead of failing as "Dataset not found or corrupted": copies
+  re-packed by other tools hold the same arrays in different pickles.
+* The pickles are read by a validating reader (:func:`_read_batch` and the checks below):
+  torchvision's ``__init__`` unpickles them unchecked (a malformed file fails with a bare
+  ``KeyError`` or reshape error, label counts and ranges are not checked) and drops
+  CIFAR-100's ``coarse_labels``, which are checked here against
+  :data:`~auxgen.experiments.hierarchies.CIFAR100_FINE_TO_COARSE`. A malformed file is a
+  ``ValueError`` that names the file and what is wrong.
+
+:func:`load_cifar100` and :func:`load_cifar10` return a split as tensors.
+"""
 
 from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Sequence
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 
 from .datasets import PathLike, as_root
-from .hierarchies import CIFAR100_FINE_TO_COARSE
+from .hierarchies import CIFAR10_CLASSES, CIFAR100_FINE_NAMES, CIFAR100_FINE_TO_COARSE
 
-__all__ = ["load_cifar100", "load_cifar10"]
+__all__ = [
+    "ChecksumWarning",
+    "CIFAR100Dataset",
+    "CIFAR10Dataset",
+    "load_cifar100",
+    "load_cifar10",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class ChecksumWarning(UserWarning):
+    """A CIFAR file's md5 differs from the official release's; it is read anyway."""
+
+
+class _LenientFiles:
+    """Locating, downloading and checking the split's files, shared by both datasets."""
+
+    root: str
+    base_folder: str
+    train: bool
+    train_list: list[list[str]]
+    test_list: list[list[str]]
+    download: Callable[[], None]
+    #: "CIFAR-100" or "CIFAR-10", for messages.
+    pretty: str = ""
+    _mismatched: list[Path]
+
+    def _split_files(self) -> list[tuple[Path, str]]:
+        files = self.train_list if self.train else self.test_list
+        return [(Path(self.root) / self.base_folder / name, md5) for name, md5 in files]
+
+    def _check_integrity(self) -> bool:
+        """Whether the split's files exist (torchvision's hook, also used by ``download``).
+
+        torchvision also requires their md5 to match the official release's; here a
+        mismatch is only noted, and warned about once the files have been read.
+        """
+        files = self._split_files()
+        if not all(path.is_file() for path, _ in files):
+            return False
+        self._mismatched = [path for path, md5 in files if not check_integrity(str(path), md5)]
+        return True
+
+    def _locate(self, download: bool) -> list[Path]:
+        """The split's files, fetched by torchvision first when asked and missing.
+
+        Raises:
+            FileNotFoundError: a file is missing (and ``download`` is off).
+        """
+        split = "train" if self.train else "test"
+        present = self._check_integrity()
+        if download and not present:
+            logger.info("downloading %s to %s with torchvision", self.pretty, self.root)
+            self.download()
+            present = self._check_integrity()
+        if not present:
+            missing = next(path for path, _ in self._split_files() if not path.is_file())
+            raise FileNotFoundError(
+                f"{self.pretty} {split} data not found: expected {missing}; pass --download "
+                f"or point --data-dir at a folder containing {self.base_folder}/"
+            )
+        return [path for path, _ in self._split_files()]
+
+    def _warn_mismatches(self) -> None:
+        for path in self._mismatched:
+            warnings.warn(
+                f"{path}: md5 differs from the official {self.pretty} release; read anyway",
+                ChecksumWarning,
+                stacklevel=3,
+            )
+
+
+class CIFAR100Dataset(_LenientFiles, datasets.CIFAR100):
+    """torchvision's ``CIFAR100``, reading re-packed copies and checking the files' contents.
+
+    Items are ``(PIL image, fine label)`` as in torchvision. A file whose md5 differs from the
+    official release's is read with a :class:`ChecksumWarning` (see the module docstring).
+
+    Args:
+        root: folder that contains (or will contain) ``cifar-100-python/``.
+        train: the training split (50000 images) if True, else the test split (10000).
+        transform: applied to each PIL image.
+        target_transform: applied to each label.
+        download: fetch the dataset with torchvision if the split's file is missing.
+
+    Attributes:
+        images: ``(N, 3, 32, 32)`` uint8 images (``data`` is their ``(N, 32, 32, 3)`` view).
+        fine_labels: ``(N,)`` int64 fine labels (``targets`` as a list).
+        coarse_labels: ``(N,)`` int64 superclass labels, checked against
+            :data:`~auxgen.experiments.hierarchies.CIFAR100_FINE_TO_COARSE`.
+
+    Raises:
+        FileNotFoundError: the split is missing and ``download`` is False.
+        ValueError: a file is malformed.
+    """
+
+    pretty = "CIFAR-100"
+
+    def __init__(
+        self,
+        root: PathLike,
+        train: bool = True,
+        transform: Optional[Callable[..., Any]] = None,
+        target_transform: Optional[Callable[..., Any]] = None,
+        download: bool = False,
+    ) -> None:
+        # torchvision's CIFAR10.__init__ would unpickle the files unchecked; everything else
+        # of the dataset (layout, download, __getitem__) is torchvision's.
+        datasets.VisionDataset.__init__(
+            self, str(root), transform=transform, target_transform=target_transform
+        )
+        self.train = train
+        (path,) = self._locate(download)
+        batch = _read_batch(path)
+        self.images = _images(batch, path)
+        n = self.images.shape[0]
+        self.fine_labels = _labels(batch, "fine_labels", n, 100, path)
+        self.coarse_labels = _labels(batch, "coarse_labels", n, 20, path)
+        _check_coarse(self.fine_labels, self.coarse_labels, path)
+        self.data = self.images.transpose(0, 2, 3, 1)  # torchvision's HWC layout (a view)
+        self.targets = self.fine_labels.tolist()
+        self._load_meta()
+        self._warn_mismatches()
+        logger.debug("loaded %d CIFAR-100 %s images from %s", n, "train" if train else "test", path)
+
+    def _load_meta(self) -> None:
+        """Class names from :data:`CIFAR100_FINE_NAMES` (no ``meta`` file needed)."""
+        self.classes = list(CIFAR100_FINE_NAMES)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+class CIFAR10Dataset(_LenientFiles, datasets.CIFAR10):
+    """torchvision's ``CIFAR10``, reading re-packed copies and checking the files' contents.
+
+    As :class:`CIFAR100Dataset`, for ``cifar-10-batches-py/`` (five training batches or
+    ``test_batch``); ``labels`` holds the ``(N,)`` int64 labels.
+    """
+
+    pretty = "CIFAR-10"
+
+    def __init__(
+        self,
+        root: PathLike,
+        train: bool = True,
+        transform: Optional[Callable[..., Any]] = None,
+        target_transform: Optional[Callable[..., Any]] = None,
+        download: bool = False,
+    ) -> None:
+        # See CIFAR100Dataset.__init__.
+        datasets.VisionDataset.__init__(
+            self, str(root), transform=transform, target_transform=target_transform
+        )
+        self.train = train
+        all_images, all_labels = [], []
+        for path in self._locate(download):
+            batch = _read_batch(path)
+            images = _images(batch, path)
+            all_images.append(images)
+            all_labels.append(_labels(batch, "labels", images.shape[0], 10, path))
+        self.images = np.concatenate(all_images)
+        self.labels = np.concatenate(all_labels)
+        self.data = self.images.transpose(0, 2, 3, 1)
+        self.targets = self.labels.tolist()
+        self._load_meta()
+        self._warn_mismatches()
+        logger.debug("loaded %d CIFAR-10 %s images", len(self.labels), "train" if train else "test")
+
+    def _load_meta(self) -> None:
+        """Class names from :data:`CIFAR10_CLASSES` (no ``batches.meta`` file needed)."""
+        self.classes = list(CIFAR10_CLASSES)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+# The validating reader (see the module docstring for why torchvision's is not used).
 
 
 def _read_batch(path: Path) -> dict[str, Any]:
@@ -101,40 +292,32 @@ def _labels(batch: dict[str, Any], key: str, n: int, num_classes: int, path: Pat
     return labels
 
 
-def _ensure_files(
-    root: Path, folder: str, files: Sequence[str], dataset: str, train: bool, download: bool
-) -> list[Path]:
-    paths = [root / folder / name for name in files]
-    if download and not all(p.is_file() for p in paths):
-        from torchvision import datasets
-
-        logger.info("downloading %s to %s with torchvision", dataset, root)
-        getattr(datasets, dataset)(root=str(root), train=train, download=True)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        pretty = {"CIFAR100": "CIFAR-100", "CIFAR10": "CIFAR-10"}[dataset]
-        raise FileNotFoundError(
-            f"{pretty} {'train' if train else 'test'} data not found: expected {missing[0]}; "
-            f"pass --download or point --data-dir at a folder containing {folder}/"
+def _check_coarse(fine: np.ndarray, coarse: np.ndarray, path: Path) -> None:
+    expected = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int64)[fine]
+    bad = np.flatnonzero(coarse != expected)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{path}: 'coarse_labels' disagree with CIFAR100_FINE_TO_COARSE for {bad.size} "
+            f"samples (first: sample {i}, fine {fine[i]}, coarse {coarse[i]}, "
+            f"expected {expected[i]})"
         )
-    return paths
 
 
 def load_cifar100(
     data_dir: PathLike, train: bool, download: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Load a CIFAR-100 split from torchvision's on-disk format.
+    """Load a CIFAR-100 split with :class:`CIFAR100Dataset` (torchvision's on-disk format).
 
     Reads ``<data_dir>/cifar-100-python/{train,test}`` (pickled dicts with ``data``,
-    ``fine_labels`` and ``coarse_labels``) directly, without torchvision's md5 check, so
-    re-packed copies of the dataset load as well. The coarse labels are checked against
-    :data:`CIFAR100_FINE_TO_COARSE`.
+    ``fine_labels`` and ``coarse_labels``); a file whose md5 differs from the official
+    release's is read with a :class:`ChecksumWarning`. The coarse labels are checked against
+    :data:`~auxgen.experiments.hierarchies.CIFAR100_FINE_TO_COARSE`.
 
     Args:
         data_dir: folder that contains (or will contain) ``cifar-100-python/``.
         train: load the training split (50000 images) if True, else the test split (10000).
-        download: if the file is missing, fetch the dataset with
-            ``torchvision.datasets.CIFAR100(root=data_dir, download=True)`` first.
+        download: if the file is missing, fetch the dataset with torchvision first.
 
     Returns:
         ``(images, fine_labels, coarse_labels)``: ``(N, 3, 32, 32)`` uint8 images and two
@@ -149,39 +332,25 @@ def load_cifar100(
         >>> images.shape, images.dtype  # doctest: +SKIP
         (torch.Size([10000, 3, 32, 32]), torch.uint8)
     """
-    root = as_root(data_dir)
-    (path,) = _ensure_files(
-        root, "cifar-100-python", ["train" if train else "test"], "CIFAR100", train, download
+    ds = CIFAR100Dataset(as_root(data_dir), train=train, download=download)
+    return (
+        torch.from_numpy(ds.images),
+        torch.from_numpy(ds.fine_labels),
+        torch.from_numpy(ds.coarse_labels),
     )
-    batch = _read_batch(path)
-    images = _images(batch, path)
-    n = images.shape[0]
-    fine = _labels(batch, "fine_labels", n, 100, path)
-    coarse = _labels(batch, "coarse_labels", n, 20, path)
-    expected = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int64)[fine]
-    bad = np.flatnonzero(coarse != expected)
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"{path}: 'coarse_labels' disagree with CIFAR100_FINE_TO_COARSE for {bad.size} "
-            f"samples (first: sample {i}, fine {fine[i]}, coarse {coarse[i]}, "
-            f"expected {expected[i]})"
-        )
-    logger.debug("loaded %d CIFAR-100 %s images from %s", n, "train" if train else "test", path)
-    return torch.from_numpy(images), torch.from_numpy(fine), torch.from_numpy(coarse)
 
 
 def load_cifar10(data_dir: PathLike, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:
-    """Load a CIFAR-10 split from torchvision's on-disk format.
+    """Load a CIFAR-10 split with :class:`CIFAR10Dataset` (torchvision's on-disk format).
 
     Reads ``<data_dir>/cifar-10-batches-py/data_batch_1 .. data_batch_5`` (train) or
-    ``test_batch`` (test) directly, without torchvision's md5 check.
+    ``test_batch`` (test); a file whose md5 differs from the official release's is read
+    with a :class:`ChecksumWarning`.
 
     Args:
         data_dir: folder that contains (or will contain) ``cifar-10-batches-py/``.
         train: load the training split (50000 images) if True, else the test split (10000).
-        download: if a file is missing, fetch the dataset with
-            ``torchvision.datasets.CIFAR10(root=data_dir, download=True)`` first.
+        download: if a file is missing, fetch the dataset with torchvision first.
 
     Returns:
         ``(images, labels)``: ``(N, 3, 32, 32)`` uint8 images and ``(N,)`` int64 labels.
@@ -195,16 +364,5 @@ def load_cifar10(data_dir: PathLike, train: bool, download: bool = False) -> tup
         >>> images.shape  # doctest: +SKIP
         torch.Size([50000, 3, 32, 32])
     """
-    root = as_root(data_dir)
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    paths = _ensure_files(root, "cifar-10-batches-py", names, "CIFAR10", train, download)
-    all_images, all_labels = [], []
-    for path in paths:
-        batch = _read_batch(path)
-        images = _images(batch, path)
-        all_images.append(images)
-        all_labels.append(_labels(batch, "labels", images.shape[0], 10, path))
-    images = np.concatenate(all_images)
-    labels = np.concatenate(all_labels)
-    logger.debug("loaded %d CIFAR-10 %s images", len(labels), "train" if train else "test")
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    ds = CIFAR10Dataset(as_root(data_dir), train=train, download=download)
+    return torch.from_numpy(ds.images), torch.from_numpy(ds.labels)
