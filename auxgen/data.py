@@ -1,65 +1,9 @@
-"""Moved to :mod:`auxgen.experiments` (``hierarchies``, ``datasets``, ``cifar``, ``augment``)."""
+"""Moved to :mod:`auxgen.experiments` (hierarchies, datasets, cifar, augment)."""
 
-from .experiments.augment import TensorImageDataset, random_crop_flip
-from .experiments.cifar import load_cifar10, load_cifar100
-from .experiments.datasets import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    GREY_STATS,
-    HierarchicalData,
-    load_digits_hierarchy,
-    load_mnist,
-)
-from .experiments.hierarchies import (
-    CIFAR10_CLASSES,
-    CIFAR100_10_TO_3,
-    CIFAR100_COARSE_NAMES,
-    CIFAR100_COARSE_TO_10,
-    CIFAR100_FINE_NAMES,
-    CIFAR100_FINE_TO_COARSE,
-    CIFAR100_LEVEL_NAMES,
-    CIFAR100_LEVELS,
-    FASHION_CLASSES,
-    FASHION_PRIMARY,
-    FASHION_PRIMARY_NAMES,
-    MNIST_PRIMARY,
-    cifar100_hierarchy,
-    cifar100_labels,
-    grouping_psi,
-    hierarchy_aux_names,
-    hierarchy_psi,
-)
+from .experiments import augment, cifar, datasets, hierarchies
+from .experiments.augment import *  # noqa: F403
+from .experiments.cifar import *  # noqa: F403
+from .experiments.datasets import *  # noqa: F403
+from .experiments.hierarchies import *  # noqa: F403
 
-__all__ = [
-    "CIFAR100_FINE_NAMES",
-    "CIFAR100_COARSE_NAMES",
-    "CIFAR100_FINE_TO_COARSE",
-    "CIFAR100_COARSE_TO_10",
-    "CIFAR100_10_TO_3",
-    "CIFAR100_LEVELS",
-    "CIFAR100_LEVEL_NAMES",
-    "CIFAR10_CLASSES",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "HierarchicalData",
-    "load_digits_hierarchy",
-    "cifar100_hierarchy",
-    "cifar100_labels",
-    "hierarchy_psi",
-    "hierarchy_aux_names",
-    "load_cifar100",
-    "load_cifar10",
-    "MNIST_PRIMARY",
-    "FASHION_CLASSES",
-    "FASHION_PRIMARY",
-    "FASHION_PRIMARY_NAMES",
-    "GREY_STATS",
-    "grouping_psi",
-    "load_mnist",
-    "random_crop_flip",
-    "TensorImageDataset",
-]
+__all__ = [*hierarchies.__all__, *datasets.__all__, *cifar.__all__, *augment.__all__]

@@ -1,5 +1,6 @@
 """Moved to :mod:`auxgen.experiments.plots`."""
 
-from .experiments.plots import plot_accuracy, plot_aux_examples, plot_aux_spread
+from .experiments import plots
+from .experiments.plots import *  # noqa: F403
 
-__all__ = ["plot_accuracy", "plot_aux_spread", "plot_aux_examples"]
+__all__ = plots.__all__

@@ -60,7 +60,45 @@ class _LenientFiles:
     download: Callable[[], None]
     #: "CIFAR-100" or "CIFAR-10", for messages.
     pretty: str = ""
+    class_names: tuple[str, ...] = ()
+    images: np.ndarray
+    data: np.ndarray
+    targets: list[int]
+    classes: list[str]
+    class_to_idx: dict[str, int]
     _mismatched: list[Path]
+
+    def __init__(
+        self,
+        root: PathLike,
+        train: bool = True,
+        transform: Optional[Callable[..., Any]] = None,
+        target_transform: Optional[Callable[..., Any]] = None,
+        download: bool = False,
+    ) -> None:
+        # Not torchvision's CIFAR10.__init__, which unpickles the files unchecked; everything
+        # else of the dataset (layout, download, __getitem__) is torchvision's.
+        datasets.VisionDataset.__init__(
+            self, str(root), transform=transform, target_transform=target_transform
+        )
+        self.train = train
+        paths = self._locate(download)
+        self.images, labels = self._read(paths)
+        self.data = self.images.transpose(0, 2, 3, 1)  # torchvision's HWC layout (a view)
+        self.targets = labels.tolist()
+        self._load_meta()
+        self._warn_mismatches()
+        split = "train" if train else "test"
+        logger.debug("loaded %d %s %s images from %s", len(labels), self.pretty, split, paths)
+
+    def _read(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, labels)`` of the split's files, validated."""
+        raise NotImplementedError
+
+    def _load_meta(self) -> None:
+        """Class names from :mod:`auxgen.experiments.hierarchies` (no meta file needed)."""
+        self.classes = list(self.class_names)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def _split_files(self) -> list[tuple[Path, str]]:
         files = self.train_list if self.train else self.test_list
@@ -132,38 +170,17 @@ class CIFAR100Dataset(_LenientFiles, datasets.CIFAR100):
     """
 
     pretty = "CIFAR-100"
+    class_names = CIFAR100_FINE_NAMES
 
-    def __init__(
-        self,
-        root: PathLike,
-        train: bool = True,
-        transform: Optional[Callable[..., Any]] = None,
-        target_transform: Optional[Callable[..., Any]] = None,
-        download: bool = False,
-    ) -> None:
-        # torchvision's CIFAR10.__init__ would unpickle the files unchecked; everything else
-        # of the dataset (layout, download, __getitem__) is torchvision's.
-        datasets.VisionDataset.__init__(
-            self, str(root), transform=transform, target_transform=target_transform
-        )
-        self.train = train
-        (path,) = self._locate(download)
+    def _read(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        (path,) = paths
         batch = _read_batch(path)
-        self.images = _images(batch, path)
-        n = self.images.shape[0]
+        images = _images(batch, path)
+        n = images.shape[0]
         self.fine_labels = _labels(batch, "fine_labels", n, 100, path)
         self.coarse_labels = _labels(batch, "coarse_labels", n, 20, path)
         _check_coarse(self.fine_labels, self.coarse_labels, path)
-        self.data = self.images.transpose(0, 2, 3, 1)  # torchvision's HWC layout (a view)
-        self.targets = self.fine_labels.tolist()
-        self._load_meta()
-        self._warn_mismatches()
-        logger.debug("loaded %d CIFAR-100 %s images from %s", n, "train" if train else "test", path)
-
-    def _load_meta(self) -> None:
-        """Class names from :data:`CIFAR100_FINE_NAMES` (no ``meta`` file needed)."""
-        self.classes = list(CIFAR100_FINE_NAMES)
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        return images, self.fine_labels
 
 
 class CIFAR10Dataset(_LenientFiles, datasets.CIFAR10):
@@ -174,38 +191,17 @@ class CIFAR10Dataset(_LenientFiles, datasets.CIFAR10):
     """
 
     pretty = "CIFAR-10"
+    class_names = CIFAR10_CLASSES
 
-    def __init__(
-        self,
-        root: PathLike,
-        train: bool = True,
-        transform: Optional[Callable[..., Any]] = None,
-        target_transform: Optional[Callable[..., Any]] = None,
-        download: bool = False,
-    ) -> None:
-        # See CIFAR100Dataset.__init__.
-        datasets.VisionDataset.__init__(
-            self, str(root), transform=transform, target_transform=target_transform
-        )
-        self.train = train
+    def _read(self, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         all_images, all_labels = [], []
-        for path in self._locate(download):
+        for path in paths:
             batch = _read_batch(path)
             images = _images(batch, path)
             all_images.append(images)
             all_labels.append(_labels(batch, "labels", images.shape[0], 10, path))
-        self.images = np.concatenate(all_images)
         self.labels = np.concatenate(all_labels)
-        self.data = self.images.transpose(0, 2, 3, 1)
-        self.targets = self.labels.tolist()
-        self._load_meta()
-        self._warn_mismatches()
-        logger.debug("loaded %d CIFAR-10 %s images", len(self.labels), "train" if train else "test")
-
-    def _load_meta(self) -> None:
-        """Class names from :data:`CIFAR10_CLASSES` (no ``batches.meta`` file needed)."""
-        self.classes = list(CIFAR10_CLASSES)
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        return np.concatenate(all_images), self.labels
 
 
 # The validating reader (see the module docstring for why torchvision's is not used).

@@ -177,19 +177,35 @@ def _digits(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> Da
     )
 
 
+def _from_fine(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    to_primary: Callable[[Tensor], Tensor],
+    **fields: Any,
+) -> Data:
+    """A :class:`Data` from ``(images, fine labels)`` splits and the fine -> primary map."""
+    (x_tr, f_tr), (x_te, f_te) = train, test
+    return Data(
+        x_train=x_tr,
+        y_train=to_primary(f_tr),
+        fine_train=f_tr,
+        x_test=x_te,
+        y_test=to_primary(f_te),
+        fine_test=f_te,
+        **fields,
+    )
+
+
 def _cifar100(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> Data:
     from .cifar import load_cifar100
 
     primary = len(psi)
     x_tr, f_tr, _ = load_cifar100(cfg.data_dir, train=True, download=cfg.download)
     x_te, f_te, _ = load_cifar100(cfg.data_dir, train=False, download=cfg.download)
-    return Data(
-        x_train=x_tr,
-        y_train=cifar100_labels(f_tr, primary),
-        fine_train=f_tr,
-        x_test=x_te,
-        y_test=cifar100_labels(f_te, primary),
-        fine_test=f_te,
+    return _from_fine(
+        (x_tr, f_tr),
+        (x_te, f_te),
+        lambda fine: cifar100_labels(fine, primary),
         psi=psi,
         human_aux=human,
         class_names=CIFAR100_LEVEL_NAMES[primary],
@@ -204,16 +220,11 @@ def _grey(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> Data
     mnist = cfg.dataset == "mnist"
     name = "MNIST" if mnist else "FashionMNIST"
     groups = torch.tensor(MNIST_PRIMARY if mnist else FASHION_PRIMARY)
-    x_tr, f_tr = load_mnist(cfg.data_dir, name, train=True, download=cfg.download)
-    x_te, f_te = load_mnist(cfg.data_dir, name, train=False, download=cfg.download)
     mean, std = GREY_STATS[name]
-    return Data(
-        x_train=x_tr,
-        y_train=groups[f_tr],
-        fine_train=f_tr,
-        x_test=x_te,
-        y_test=groups[f_te],
-        fine_test=f_te,
+    return _from_fine(
+        load_mnist(cfg.data_dir, name, train=True, download=cfg.download),
+        load_mnist(cfg.data_dir, name, train=False, download=cfg.download),
+        lambda fine: groups[fine],
         psi=psi,
         human_aux=human,
         class_names=("0-4", "5-9") if mnist else FASHION_PRIMARY_NAMES,
@@ -227,15 +238,10 @@ def _grey(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> Data
 def _cifar10(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> Data:
     from .cifar import load_cifar10
 
-    x_tr, y_tr = load_cifar10(cfg.data_dir, train=True, download=cfg.download)
-    x_te, y_te = load_cifar10(cfg.data_dir, train=False, download=cfg.download)
-    return Data(
-        x_train=x_tr,
-        y_train=y_tr,
-        fine_train=y_tr,
-        x_test=x_te,
-        y_test=y_te,
-        fine_test=y_te,
+    return _from_fine(
+        load_cifar10(cfg.data_dir, train=True, download=cfg.download),
+        load_cifar10(cfg.data_dir, train=False, download=cfg.download),
+        lambda labels: labels,
         psi=psi,
         human_aux=None,
         class_names=CIFAR10_CLASSES,
