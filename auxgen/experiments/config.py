@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..labeler import GENERATORS
 from .hierarchies import FASHION_PRIMARY, MNIST_PRIMARY, grouping_psi, hierarchy_psi
 
 __all__ = [
@@ -48,9 +49,10 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl")
 DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10", "mnist", "fashionmnist")
-GENERATORS: tuple[str, ...] = ("copy", "head")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
+#: The meta-gradient modes a run offers: those of :data:`auxgen.meta.META_MODES` that choose
+#: the algorithm (the other two force one way of computing the exact one).
 META_MODES: tuple[str, ...] = ("second_order", "first_order")
 #: Where ``maxl``'s meta loss is measured: the batch just trained on (the paper), the next
 #: training batch, or a batch of a held-out meta split (AuxiLearn-style).
