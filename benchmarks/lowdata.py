@@ -29,13 +29,16 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 COMMON = [
     "--backbone", "mlp", "--width", "256", "--train-subset", "5%", "--val-fraction", "0.2",
     "--schedule", "onecycle", "--lr", "0.05", "--batch-size", "64", "--gen-lr", "0.001",
     "--threads", "1", "--no-progress",
 ]  # fmt: skip
+CNN = ["--backbone", "cnn", "--width", "32"]  # later arguments override COMMON's
 METHODS = ["single", "human", "random", "kmeans", "maxl-copy"]
 VARIANTS = ["maxl-head", "maxl-head-next"]
 
@@ -55,6 +58,14 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
         ["--dataset", "cifar100", "--primary-level", "20", "--epochs", "20"],
         ["single", "human"],
     ),
+    # The same levels with a small CNN (``cnn``, width 32), which fits 5% of CIFAR-100.
+    **{
+        f"cifar{k}cnn5": (
+            ["--dataset", "cifar100", "--primary-level", str(k), "--epochs", "20", *CNN],
+            ["single", "human"],
+        )
+        for k in (3, 10, 20)
+    },
     # AuxiLearn's setting: the 100 fine classes as the primary task, psi = 5, no human task.
     "cifar100fine5": (
         ["--dataset", "cifar100", "--primary-level", "100", "--psi", "5", "--epochs", "20"],
@@ -82,12 +93,20 @@ def _strip(result: dict) -> dict:
     }
 
 
-def run_regime(name: str, a: argparse.Namespace) -> dict:
-    extra, methods = REGIMES[name]
+def run_regime(
+    name: str, a: argparse.Namespace, *, extra: Sequence[str] = (), tag: Optional[str] = None
+) -> dict:
+    """Run every seed of one regime (``extra``: more ``auxgen run`` arguments, later ones win).
+
+    The runs go to ``a.out/name`` (``a.out/name/tag`` with a tag). Returns the summary without
+    per-image analysis; without a tag it is also written to ``a.summary_dir/name.json``.
+    """
+    args, methods = REGIMES[name]
     if a.methods:
         methods = a.methods
-    out = Path(a.out) / name
-    base = [*extra, *COMMON, "--data-dir", a.data_dir, "--out", str(out), "--methods", *methods]
+    out = Path(a.out) / name if tag is None else Path(a.out) / name / tag
+    base = [*COMMON, *args, *extra, "--data-dir", a.data_dir, "--out", str(out)]
+    base += ["--methods", *methods]
     t0 = time.perf_counter()
     pending = list(a.seeds)
     live: list[subprocess.Popen] = []
@@ -109,9 +128,10 @@ def run_regime(name: str, a: argparse.Namespace) -> dict:
     summary["regime"] = name
     summary["command"] = "python benchmarks/lowdata.py --regimes " + name
     summary["sweep_wall_time_s"] = time.perf_counter() - t0
-    Path(a.summary_dir).mkdir(parents=True, exist_ok=True)
-    (Path(a.summary_dir) / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print((out / "results.md").read_text())
+    if tag is None:
+        Path(a.summary_dir).mkdir(parents=True, exist_ok=True)
+        (Path(a.summary_dir) / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print((out / "results.md").read_text())
     return summary
 
 
