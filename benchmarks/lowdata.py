@@ -79,17 +79,23 @@ def _run(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT)
 
 
-def _strip(result: dict) -> dict:
-    """The sweep summary with per-run histories, but without per-image analysis."""
+#: config fields that name folders of the machine that ran it (not part of the setting)
+_LOCAL = ("data_dir", "out_dir")
+
+
+def strip_summary(result: dict) -> dict:
+    """The sweep summary with per-run histories, without per-image analysis or local paths."""
     runs = []
     for r in result["runs"]:
         aux = {k: v for k, v in r.get("aux", {}).items() if k.startswith("aux_nmi")}
         keep = ("label", "config", "history", "final_test_accuracy", "final_val_accuracy")
         keep += ("wall_time_s", "train_time_s", "num_train", "num_val", "num_meta", "psi")
-        runs.append({**{k: r.get(k) for k in keep}, "aux": aux})
-    return {k: result[k] for k in ("title", "config", "methods", "seeds", "summary")} | {
-        "runs": runs
-    }
+        run = {**{k: r.get(k) for k in keep}, "aux": aux}
+        run["config"] = {k: v for k, v in r["config"].items() if k not in _LOCAL}
+        runs.append(run)
+    out = {k: result[k] for k in ("title", "config", "methods", "seeds", "summary")}
+    out["config"] = {k: v for k, v in out["config"].items() if k not in _LOCAL}
+    return out | {"runs": runs}
 
 
 def run_regime(
@@ -127,7 +133,7 @@ def run_regime(
     if done.wait() != 0:
         raise SystemExit(f"{name}: summary failed, see {out}/log_summary.txt")
     result = json.loads((out / "results.json").read_text())
-    summary = _strip(result)
+    summary = strip_summary(result)
     summary["regime"] = name
     summary["command"] = "python benchmarks/lowdata.py --regimes " + name
     summary["sweep_wall_time_s"] = time.perf_counter() - t0
