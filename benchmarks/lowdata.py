@@ -63,7 +63,7 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
     # an earlier check; 30 epochs take it close to fitting its 2,000 training images.
     "cifar10cnn5": (
         ["--dataset", "cifar100", "--primary-level", "10", "--epochs", "30", *CNN],
-        ["single", "human", "random", "maxl-copy", "maxl-head-next"],
+        ["single", "human", "maxl-copy", "maxl-head-next", "random"],
     ),
     # AuxiLearn's setting: the 100 fine classes as the primary task, psi = 5, no human task.
     "cifar100fine5": (
@@ -112,10 +112,9 @@ def run_regime(
     out = Path(a.out) / name if tag is None else Path(a.out) / name / tag
     base = [*COMMON, *args, *extra, "--data-dir", a.data_dir, "--out", str(out)]
     t0 = time.perf_counter()
-    # One process per (method, seed): each writes only its own OUT/<method>/seed<k>/. The
-    # MAXL runs (the longest) go first so that the cores stay busy until the end.
+    # One process per (method, seed), in the order of ``methods``: each writes only its own
+    # OUT/<method>/seed<k>/, and a stopped sweep has finished the first methods for all seeds.
     pending = [(m, s) for m in methods for s in a.seeds]
-    pending.sort(key=lambda ms: not ms[0].startswith("maxl"))
     live: list[subprocess.Popen] = []
     while pending or live:
         while pending and len(live) < a.jobs:
