@@ -2,8 +2,9 @@
 
 Each regime is one ``auxgen run`` sweep (same backbone, budget and images for every method;
 settings are compared on the validation split carved from the training subset, and the test
-set is evaluated once, at the end of each run). Seeds run as parallel processes (``--jobs``),
-each resumable from its checkpoints, so a stopped session loses at most one epoch per run.
+set is evaluated once, at the end of each run). Every (method, seed) runs as its own
+one-thread process, ``--jobs`` at a time, each resumable from its checkpoints, so a stopped
+session loses at most one epoch per run.
 When all seeds are done, one more ``auxgen run`` over all seeds (instant: every run is
 already finished) writes the regime's summary, and a copy without the per-run details goes
 to ``--summary-dir`` (``docs/results/<regime>.json``) so the tables in ``docs/results.md``
@@ -29,13 +30,16 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 COMMON = [
     "--backbone", "mlp", "--width", "256", "--train-subset", "5%", "--val-fraction", "0.2",
     "--schedule", "onecycle", "--lr", "0.05", "--batch-size", "64", "--gen-lr", "0.001",
     "--threads", "1", "--no-progress",
 ]  # fmt: skip
+CNN = ["--backbone", "cnn", "--width", "32"]  # later arguments override COMMON's
 METHODS = ["single", "human", "random", "kmeans", "maxl-copy"]
 VARIANTS = ["maxl-head", "maxl-head-next"]
 
@@ -55,6 +59,12 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
         ["--dataset", "cifar100", "--primary-level", "20", "--epochs", "20"],
         ["single", "human"],
     ),
+    # The 10-class level with a small CNN (``cnn``, width 32), where the human task helped in
+    # an earlier check; 30 epochs take it close to fitting its 2,000 training images.
+    "cifar10cnn5": (
+        ["--dataset", "cifar100", "--primary-level", "10", "--epochs", "30", *CNN],
+        ["single", "human", "maxl-copy", "maxl-head-next", "random"],
+    ),
     # AuxiLearn's setting: the 100 fine classes as the primary task, psi = 5, no human task.
     "cifar100fine5": (
         ["--dataset", "cifar100", "--primary-level", "100", "--psi", "5", "--epochs", "20"],
@@ -69,49 +79,67 @@ def _run(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT)
 
 
-def _strip(result: dict) -> dict:
-    """The sweep summary with per-run histories, but without per-image analysis."""
+#: config fields that name folders of the machine that ran it (not part of the setting)
+_LOCAL = ("data_dir", "out_dir")
+
+
+def strip_summary(result: dict) -> dict:
+    """The sweep summary with per-run histories, without per-image analysis or local paths."""
     runs = []
     for r in result["runs"]:
         aux = {k: v for k, v in r.get("aux", {}).items() if k.startswith("aux_nmi")}
         keep = ("label", "config", "history", "final_test_accuracy", "final_val_accuracy")
         keep += ("wall_time_s", "train_time_s", "num_train", "num_val", "num_meta", "psi")
-        runs.append({**{k: r.get(k) for k in keep}, "aux": aux})
-    return {k: result[k] for k in ("title", "config", "methods", "seeds", "summary")} | {
-        "runs": runs
-    }
+        run = {**{k: r.get(k) for k in keep}, "aux": aux}
+        run["config"] = {k: v for k, v in r["config"].items() if k not in _LOCAL}
+        runs.append(run)
+    out = {k: result[k] for k in ("title", "config", "methods", "seeds", "summary")}
+    out["config"] = {k: v for k, v in out["config"].items() if k not in _LOCAL}
+    return out | {"runs": runs}
 
 
-def run_regime(name: str, a: argparse.Namespace) -> dict:
-    extra, methods = REGIMES[name]
+def run_regime(
+    name: str, a: argparse.Namespace, *, extra: Sequence[str] = (), tag: Optional[str] = None
+) -> dict:
+    """Run every seed of one regime (``extra``: more ``auxgen run`` arguments, later ones win).
+
+    The runs go to ``a.out/name`` (``a.out/name/tag`` with a tag). Returns the summary without
+    per-image analysis; without a tag it is also written to ``a.summary_dir/name.json``.
+    """
+    args, methods = REGIMES[name]
     if a.methods:
         methods = a.methods
-    out = Path(a.out) / name
-    base = [*extra, *COMMON, "--data-dir", a.data_dir, "--out", str(out), "--methods", *methods]
+    out = Path(a.out) / name if tag is None else Path(a.out) / name / tag
+    base = [*COMMON, *args, *extra, "--data-dir", a.data_dir, "--out", str(out)]
     t0 = time.perf_counter()
-    pending = list(a.seeds)
+    # One process per (method, seed), in the order of ``methods``: each writes only its own
+    # OUT/<method>/seed<k>/, and a stopped sweep has finished the first methods for all seeds.
+    pending = [(m, s) for m in methods for s in a.seeds]
     live: list[subprocess.Popen] = []
     while pending or live:
         while pending and len(live) < a.jobs:
-            s = pending.pop(0)
-            live.append(_run([*base, "--seeds", str(s)], out / f"log_seed{s}.txt"))
+            m, s = pending.pop(0)
+            cmd = [*base, "--methods", m, "--seeds", str(s)]
+            live.append(_run(cmd, out / f"log_{m}_seed{s}.txt"))
         time.sleep(2)
         for p in list(live):
             if p.poll() is not None:
                 live.remove(p)
                 if p.returncode != 0:
-                    raise SystemExit(f"{name}: a seed failed (exit {p.returncode}), see {out}")
+                    raise SystemExit(f"{name}: a run failed (exit {p.returncode}), see {out}")
+    base += ["--methods", *methods]
     done = _run([*base, "--seeds", *map(str, a.seeds)], out / "log_summary.txt")
     if done.wait() != 0:
         raise SystemExit(f"{name}: summary failed, see {out}/log_summary.txt")
     result = json.loads((out / "results.json").read_text())
-    summary = _strip(result)
+    summary = strip_summary(result)
     summary["regime"] = name
     summary["command"] = "python benchmarks/lowdata.py --regimes " + name
     summary["sweep_wall_time_s"] = time.perf_counter() - t0
-    Path(a.summary_dir).mkdir(parents=True, exist_ok=True)
-    (Path(a.summary_dir) / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print((out / "results.md").read_text())
+    if tag is None:
+        Path(a.summary_dir).mkdir(parents=True, exist_ok=True)
+        (Path(a.summary_dir) / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print((out / "results.md").read_text())
     return summary
 
 

@@ -1,0 +1,124 @@
+"""Tables and a plot from the low-data summaries in ``docs/results/`` (``lowdata.py``).
+
+For every regime summary (``docs/results/<regime>.json``, not the ``tune_*`` files) prints a
+markdown table: validation and test accuracy (mean ± sample std over seeds), the test
+difference to ``single`` paired by seed (same initialisation and batches: mean ± std of the
+per-seed differences), the final training accuracy and the wall time per run. Writes one
+figure with a panel per regime: each method's paired test difference to single-task, every
+seed as a dot.
+
+Usage::
+
+    python benchmarks/lowdata_report.py --results docs/results --plot docs/img/lowdata.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
+
+
+def _per_seed(summary: dict) -> dict[str, dict[int, dict]]:
+    """method label -> seed -> {test, val, train}."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in summary["runs"]:
+        last = r["history"][-1] if r["history"] else {}
+        out.setdefault(r["label"], {})[r["config"]["seed"]] = {
+            "test": r["final_test_accuracy"],
+            "val": r["final_val_accuracy"],
+            "train": last.get("train_accuracy"),
+            "wall": r["wall_time_s"],
+        }
+    return out
+
+
+def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
+    """The markdown table of one regime and, per method, its paired test differences."""
+    runs = _per_seed(summary)
+    base = runs.get("single", {})
+    cfg = summary["config"]
+    n_train = summary["runs"][0].get("num_train")
+    lines = [
+        f"**{summary['regime']}**: {cfg['dataset']}, backbone `{cfg['backbone']}` "
+        f"(width {cfg['width']}), {n_train} training images, {cfg['epochs']} epochs, "
+        f"seeds {', '.join(map(str, summary['seeds']))}",
+        "",
+        "| method | val (%) | test (%) | test − single, paired (points) | train acc (%) "
+        "| wall / run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    deltas: dict[str, list[float]] = {}
+    for label, seeds in runs.items():
+        tests = [v["test"] for v in seeds.values()]
+        vals = [v["val"] for v in seeds.values() if v["val"] is not None]
+        trains = [v["train"] for v in seeds.values() if v["train"] is not None]
+        d = [seeds[s]["test"] - base[s]["test"] for s in seeds if s in base]
+        deltas[label] = d
+        delta = "-"
+        if d and label != "single":
+            delta = ("+" if statistics.fmean(d) >= 0 else "") + _ms(d)
+        wall = statistics.fmean(v["wall"] for v in seeds.values())
+        lines.append(
+            f"| {label} | {_ms(vals)} | {_ms(tests)} | {delta} | "
+            f"{100 * statistics.fmean(trains):.1f} | {wall:.0f} |"
+        )
+    return "\n".join(lines), deltas
+
+
+def plot(all_deltas: dict[str, dict[str, list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(all_deltas)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), sharey=True, squeeze=False)
+    for ax, (regime, deltas) in zip(axes[0], all_deltas.items()):
+        labels = [m for m in deltas if m != "single"]
+        for i, m in enumerate(labels):
+            d = [100 * v for v in deltas[m]]
+            ax.scatter([i] * len(d), d, s=14, color="tab:blue", alpha=0.6)
+            if d:
+                ax.plot([i - 0.3, i + 0.3], [statistics.fmean(d)] * 2, color="black")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+        ax.set_title(regime, fontsize=9)
+    axes[0][0].set_ylabel("test accuracy − single-task (points)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="docs/results")
+    p.add_argument("--regimes", nargs="+", default=None, help="default: every summary")
+    p.add_argument("--plot", default=None, help="write the figure here (PNG)")
+    a = p.parse_args(argv)
+    files = sorted(f for f in Path(a.results).glob("*.json") if not f.name.startswith("tune_"))
+    if a.regimes:
+        files = [Path(a.results) / f"{r}.json" for r in a.regimes]
+    all_deltas = {}
+    for f in files:
+        summary = json.loads(f.read_text())
+        table, deltas = regime_table(summary)
+        print(table + "\n")
+        all_deltas[summary["regime"]] = deltas
+    if a.plot:
+        plot(all_deltas, Path(a.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
