@@ -3,6 +3,12 @@
 :func:`random_crop_flip` is the standard CIFAR augmentation (4-pixel padded random crop and
 horizontal flip) written in plain torch ops, and :class:`TensorImageDataset` serves images
 held in memory as tensors, with optional normalisation and that augmentation.
+
+Why not ``torchvision.transforms``: they transform one image at a time, and draw from
+torch's global RNG. The training loop augments a whole in-memory batch at once; one gather
+over the batch (on the batch's device) is several times faster than a Python loop of per-image
+transforms, and an explicit ``generator`` keeps the draws a function of ``(seed, epoch)``,
+which is what makes resuming exact.
 """
 
 from __future__ import annotations
