@@ -186,7 +186,10 @@ def _add_task_options(g: Any) -> None:
     )
     g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0])
     g.add_argument(
-        "--primary-level", type=int, default=None, help="CIFAR-100 primary level: 3, 10, 20"
+        "--primary-level",
+        type=int,
+        default=None,
+        help="CIFAR-100 primary level: 3, 10, 20 or 100 (fine)",
     )
     g.add_argument("--aux-level", type=int, default=None, help="CIFAR-100 aux level (100)")
     g.add_argument("--psi", type=int, nargs="+", default=None, help="aux classes per class")

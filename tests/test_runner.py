@@ -101,12 +101,16 @@ def test_task_validation() -> None:
     assert check_config(RunConfig(dataset="cifar100")) == (5,) * 20
     assert check_config(RunConfig(dataset="cifar100", primary_level=3, aux_level=10)) == (5, 1, 4)
     assert check_config(RunConfig(dataset="cifar10", method="maxl", psi=3)) == (3,) * 10
+    assert check_config(RunConfig(dataset="cifar100", primary_level=100)) == (5,) * 100
+    assert check_config(RunConfig(dataset="cifar100", primary_level=100, psi=2)) == (2,) * 100
     assert check_config(RunConfig(dataset="digits", method="maxl", psi=(2, 3))) == (2, 3)
     bad = [
         (RunConfig(dataset="cifar100", psi=(5, 5, 5)), "psi has 3 entries"),
         (RunConfig(dataset="cifar100", method="human", psi=4), "hierarchy's psi"),
         (RunConfig(dataset="cifar100", primary_level=7), "primary_level"),
         (RunConfig(dataset="cifar100", primary_level=20, aux_level=10), "aux_level"),
+        (RunConfig(dataset="cifar100", primary_level=100, aux_level=100), "psi instead"),
+        (RunConfig(dataset="cifar100", primary_level=100, method="human"), "no.*finer level|none"),
         (RunConfig(dataset="digits", primary_level=3), "2 primary classes"),
         (RunConfig(dataset="cifar10", method="human"), "hierarchy"),
         (RunConfig(dataset="digits", method="nope"), "method must be one of"),

@@ -76,7 +76,8 @@ class RunConfig:
             (``"resnet18"``,
             ``"timm:NAME"``) or a torchvision one (``"torchvision:NAME"``); created untrained.
         width: base width of the ``cnn`` backbone; hidden units of the ``mlp``.
-        primary_level: CIFAR-100: number of primary classes, one of 3, 10, 20 (default 20);
+        primary_level: CIFAR-100: number of primary classes, one of 3, 10, 20 (default 20)
+            or 100 (the fine classes as the primary task: no human task, ``psi`` default 5);
             digits: 2; CIFAR-10: 10.
         aux_level: CIFAR-100: the finer level that defines ``psi`` and the human task
             (default 100); digits: 10; CIFAR-10: not used.
@@ -341,15 +342,7 @@ def resolve_task(cfg: RunConfig) -> tuple[tuple[int, ...], Optional[tuple[int, .
         table: Optional[tuple[int, ...]] = tuple(range(10))
         psi = (5, 5) if cfg.psi is None else _normalise_psi(cfg.psi, 2, "the digits dataset")
     elif cfg.dataset == "cifar100":
-        primary = 20 if cfg.primary_level is None else cfg.primary_level
-        aux_level = 100 if cfg.aux_level is None else cfg.aux_level
-        if primary not in (3, 10, 20):
-            raise ValueError(
-                f"CIFAR-100 primary_level must be one of 3, 10, 20 (levels of the hierarchy), "
-                f"got {primary}"
-            )
-        psi_h, table = hierarchy_psi(primary, aux_level)
-        psi = psi_h if cfg.psi is None else _normalise_psi(cfg.psi, primary, "CIFAR-100")
+        psi_h, table, psi = _cifar100_task(cfg)
     elif cfg.dataset in ("mnist", "fashionmnist"):
         name = "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST"
         groups = MNIST_PRIMARY if cfg.dataset == "mnist" else FASHION_PRIMARY
@@ -377,11 +370,39 @@ def resolve_task(cfg: RunConfig) -> tuple[tuple[int, ...], Optional[tuple[int, .
     if cfg.method == "human" and human is None:
         if cfg.dataset == "cifar10":
             raise ValueError("method 'human' needs a class hierarchy; CIFAR-10 has none")
+        if psi_h is None:
+            raise ValueError(
+                "method 'human' needs a finer level of the hierarchy; CIFAR-100's 100 fine "
+                "classes (primary_level=100) have none"
+            )
         raise ValueError(
             f"method 'human' uses the hierarchy's psi; psi={list(psi)} does not match it "
             f"({list(psi_h or ())}); drop --psi or choose another method"
         )
     return psi, human
+
+
+def _cifar100_task(
+    cfg: RunConfig,
+) -> tuple[Optional[tuple[int, ...]], Optional[tuple[int, ...]], tuple[int, ...]]:
+    """``(hierarchy psi, fine_to_aux, psi)`` of a CIFAR-100 run (``None``: no human task)."""
+    primary = 20 if cfg.primary_level is None else cfg.primary_level
+    if primary not in (3, 10, 20, 100):
+        raise ValueError(
+            "CIFAR-100 primary_level must be one of 3, 10, 20 (levels of the hierarchy) or "
+            f"100 (the fine classes), got {primary}"
+        )
+    if primary == 100:  # AuxiLearn's setting: no finer level, so no human task
+        if cfg.aux_level is not None:
+            raise ValueError(
+                "CIFAR-100's fine classes have no finer level: with primary_level=100 set "
+                f"psi instead of aux_level, got aux_level={cfg.aux_level}"
+            )
+        return None, None, _normalise_psi(5 if cfg.psi is None else cfg.psi, 100, "CIFAR-100")
+    aux_level = 100 if cfg.aux_level is None else cfg.aux_level
+    psi_h, table = hierarchy_psi(primary, aux_level)
+    psi = psi_h if cfg.psi is None else _normalise_psi(cfg.psi, primary, "CIFAR-100")
+    return psi_h, table, psi
 
 
 def check_config(config: RunConfig) -> tuple[int, ...]:
