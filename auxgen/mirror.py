@@ -300,16 +300,24 @@ def _adagrad(group: dict, st: dict, theta: Tensor, g: Tensor, init: float) -> Te
     return theta - clr * (g / (_sqrt(total) + eps))
 
 
-def _nadam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
-    lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
-    b1, b2 = (_f(b) for b in group["betas"])
-    decay = _f(group["momentum_decay"])
-    step = _f(st["step"]) + 1 if "step" in st else 1.0
+def _nadam_radam_decay(
+    group: dict, theta: Tensor, g: Tensor, lr: float, wd: float
+) -> tuple[Tensor, Tensor]:
+    """NAdam's and RAdam's weight decay: decoupled (shrink ``theta``) or L2 (add to ``g``)."""
     if wd != 0:
         if group.get("decoupled_weight_decay", False):
             theta = theta * (1.0 - lr * wd)
         else:
             g = g + wd * theta
+    return theta, g
+
+
+def _nadam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
+    b1, b2 = (_f(b) for b in group["betas"])
+    decay = _f(group["momentum_decay"])
+    step = _f(st["step"]) + 1 if "step" in st else 1.0
+    theta, g = _nadam_radam_decay(group, theta, g, lr, wd)
     mu = b1 * (1.0 - 0.5 * (0.96 ** (step * decay)))
     mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * decay)))
     # torch.optim keeps mu_product as a tensor: multiply in its dtype, as it does
@@ -328,11 +336,7 @@ def _radam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
     b1, b2 = (_f(b) for b in group["betas"])
     step = _f(st["step"]) + 1 if "step" in st else 1.0
-    if wd != 0:
-        if group.get("decoupled_weight_decay", False):
-            theta = theta * (1.0 - lr * wd)
-        else:
-            g = g + wd * theta
+    theta, g = _nadam_radam_decay(group, theta, g, lr, wd)
     m = torch.lerp(_state(st, "exp_avg", theta), g, 1.0 - b1)
     bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
     m_hat = m / bc1
