@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
@@ -419,13 +420,32 @@ def _init_distributed(timeout_s: float = 600.0) -> None:
 
 
 def _finish_distributed(wait: bool = True) -> None:
-    """Wait for every rank (unless ``wait`` is false: on an error), then tear the process group
-    down (no-op without one)."""
+    """Wait for every rank, then tear the process group down (no-op without one).
+
+    With ``wait`` false (on an error) the ranks skip the final barrier and wait at most 10 s
+    for each other through the rendezvous store before tearing down.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         if wait:
             dist.barrier()
+        # Gloo: a rank that destroys its connections while a peer is still finishing the last
+        # collective can make the peer abort ("terminate called without an active
+        # exception"). Meeting once more through the store (not a gloo connection) leaves
+        # every rank past its last collective first. On an error the peers may be gone: wait
+        # for them a few seconds at most (all ranks raise a shared checkpoint failure together).
+        deadline = time.monotonic() + (float("inf") if wait else 10.0)
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.add("auxgen/finished", 1)
+            while store.add("auxgen/finished", 0) < dist.get_world_size():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        except RuntimeError:  # the store is gone too: nothing left to wait for
+            if wait:
+                raise
         dist.destroy_process_group()
 
 

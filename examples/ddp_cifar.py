@@ -104,8 +104,31 @@ def setup() -> tuple[int, int, int, torch.device]:
             and "device_id" in inspect.signature(dist.init_process_group).parameters
         ):
             extra["device_id"] = device  # binds NCCL to this rank's GPU (torch >= 2.3)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **extra)
+        # Join through a store prefix unique to this torchrun attempt: after a restart
+        # (--max-restarts), workers must not read the dead attempt's addresses from the
+        # rendezvous store (see docs/distributed.md, "A rank dies").
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"ddp_cifar/attempt{attempt}", store)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, **extra)
     return rank, world, local_rank, device
+
+
+def teardown() -> None:
+    """Wait for every rank, then destroy the process group.
+
+    After the last gloo collective, a rank that tears its connections down while a peer is
+    still finishing that collective can make the peer abort ("terminate called without an
+    active exception", about 1 run in 6 here). So the ranks also meet through the rendezvous
+    store, which is not a gloo connection, before any of them destroys the group.
+    """
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    store.add("finished", 1)
+    while store.add("finished", 0) < dist.get_world_size():
+        time.sleep(0.01)
+    dist.destroy_process_group()
 
 
 def is_dist() -> bool:
@@ -272,8 +295,7 @@ def train(args: argparse.Namespace) -> None:
         torch.save({"labeler": labeler.state_dict(), "args": vars(args)}, args.out)
         logger.info("saved %s", args.out)
     if is_dist():
-        dist.barrier()  # every rank reaches the end before the group is torn down
-        dist.destroy_process_group()
+        teardown()
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
