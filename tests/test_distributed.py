@@ -25,6 +25,7 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -224,6 +225,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         try:
             res = _scenarios(rank)
             dist.barrier()  # both ranks finish before the group is torn down
+            # ... and meet through the store, so that no rank tears gloo down while its peer
+            # is still finishing the barrier (the peer can abort otherwise)
+            store = dist.distributed_c10d._get_default_store()
+            store.add("finished", 1)
+            while store.add("finished", 0) < WORLD:
+                time.sleep(0.01)
         finally:
             dist.destroy_process_group()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
