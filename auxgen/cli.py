@@ -268,6 +268,12 @@ def _add_maxl_options(g: Any) -> None:
     )
     g.add_argument("--entropy-weight", type=_float, default=D.entropy_weight)
     g.add_argument(
+        "--label-temperature",
+        type=_positive_float,
+        default=D.label_temperature,
+        help="temperature of the generated labels; < 1 sharpens them (1)",
+    )
+    g.add_argument(
         "--diagnostics",
         action="store_true",
         help="record the cosine of the primary and auxiliary gradients per epoch",

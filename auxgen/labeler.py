@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -90,6 +91,10 @@ class AuxiliaryLabeler(nn.Module):
             (the paper's focal loss, ``gamma=focal_gamma``).
         aux_weight: weight of the auxiliary loss in the multi-task loss.
         entropy_weight: weight of the anti-collapse term ``sum_k pbar_k log pbar_k``.
+        label_temperature: the generated labels are ``masked_softmax(logits / T)``; ``T < 1``
+            sharpens them. A freshly initialised generator has small logits, so at ``T = 1``
+            (the paper's) its labels start close to uniform over each class's children and
+            can stay there when the meta-gradient is small (see docs/results.md).
         feature_dim: width (channels) of the classifier's input, when it cannot be inferred
             (from the first ``Linear``/convolution in the classifier, or timm's
             ``head_hidden_size`` / ``num_features``). When the classifier's input is a
@@ -177,6 +182,7 @@ class AuxiliaryLabeler(nn.Module):
         loss: str = "ce",
         aux_weight: float = 1.0,
         entropy_weight: float = 0.2,
+        label_temperature: float = 1.0,
         feature_dim: Optional[int] = None,
         classifier: Union[str, nn.Module, None] = None,
         output: OutputSpec = None,
@@ -211,6 +217,15 @@ class AuxiliaryLabeler(nn.Module):
         for name, val in (("aux_weight", aux_weight), ("entropy_weight", entropy_weight)):
             if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {val!r}")
+        if (
+            not isinstance(label_temperature, (int, float))
+            or isinstance(label_temperature, bool)
+            or not math.isfinite(label_temperature)
+            or label_temperature <= 0
+        ):
+            raise ValueError(
+                f"label_temperature must be a positive number, got {label_temperature!r}"
+            )
         if fd_eps is not None and not (isinstance(fd_eps, float) and fd_eps > 0):
             raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
 
@@ -242,6 +257,7 @@ class AuxiliaryLabeler(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.aux_weight = float(aux_weight)
         self.entropy_weight = float(entropy_weight)
+        self.label_temperature = float(label_temperature)
         self.meta = meta
         self.meta_every = meta_every
         self.fd_eps = fd_eps
@@ -385,7 +401,7 @@ class AuxiliaryLabeler(nn.Module):
                 f"the generator must return (batch, sum(psi)) = ({x.shape[0]}, {self.num_aux}) "
                 f"logits, got shape {tuple(logits.shape)}"
             )
-        return logits
+        return logits if self.label_temperature == 1.0 else logits / self.label_temperature
 
     @torch.no_grad()
     def generate_labels(self, x: Tensor, y: Tensor) -> Tensor:
@@ -875,5 +891,5 @@ class AuxiliaryLabeler(nn.Module):
         return (
             f"psi={list(self.psi)}, generator={self.generator_kind!r}, loss={self.loss!r}, "
             f"meta={self.meta!r}, meta_every={self.meta_every}, aux_weight={self.aux_weight}, "
-            f"entropy_weight={self.entropy_weight}"
+            f"entropy_weight={self.entropy_weight}, label_temperature={self.label_temperature}"
         )

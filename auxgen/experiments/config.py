@@ -107,6 +107,7 @@ class RunConfig:
             images than the other methods, the price of its held-out meta loss).
         aux_weight: weight of the auxiliary loss (ignored by ``single``, which uses 0).
         entropy_weight: weight of MAXL's anti-collapse entropy term.
+        label_temperature: temperature of MAXL's generated labels (``< 1`` sharpens them).
         diagnostics: record ``train_grad_cosine`` per epoch, the mean cosine similarity
             between the primary and auxiliary gradients on the shared parameters (one
             extra backward per step; see ``AuxiliaryLabeler(diagnostics=True)``).
@@ -164,6 +165,7 @@ class RunConfig:
     meta_fraction: float = 0.1
     aux_weight: float = 1.0
     entropy_weight: float = 0.2
+    label_temperature: float = 1.0
     diagnostics: bool = False
     seed: int = 0
     data_seed: int = 0
@@ -244,6 +246,9 @@ class RunConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        t = self.label_temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"label_temperature must be a positive number, got {t!r}")
         if not (isinstance(self.entropy_weight, (int, float)) and self.entropy_weight >= 0):
             raise ValueError(f"entropy_weight must be non-negative, got {self.entropy_weight!r}")
         if self.batch_size < 2:
