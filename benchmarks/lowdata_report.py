@@ -3,9 +3,10 @@
 For every regime summary (``docs/results/<regime>.json``, not the ``tune_*`` files) prints a
 markdown table: validation and test accuracy (mean ± sample std over seeds), the test
 difference to ``single`` paired by seed (same initialisation and batches: mean ± std of the
-per-seed differences), the final training accuracy and the wall time per run. Writes one
-figure with a panel per regime: each method's paired test difference to single-task, every
-seed as a dot.
+per-seed differences), the final training accuracy, the normalised mutual information between
+the auxiliary classes and the fine classes on the training images, and the wall time per
+run. Writes one figure with a panel per regime: each method's paired test difference to
+single-task, every seed as a dot.
 
 Usage::
 
@@ -53,9 +54,10 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
         f"seeds {', '.join(map(str, summary['seeds']))}",
         "",
         "| method | val (%) | test (%) | test − single, paired (points) | train acc (%) "
-        "| wall / run (s) |",
-        "|---|---|---|---|---|---|",
+        "| aux NMI with fine classes (train) | wall / run (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    nmi = {s["label"]: s.get("aux_nmi_train_mean") for s in summary["summary"]}
     deltas: dict[str, list[float]] = {}
     for label, seeds in runs.items():
         tests = [v["test"] for v in seeds.values()]
@@ -67,9 +69,10 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
         if d and label != "single":
             delta = ("+" if statistics.fmean(d) >= 0 else "") + _ms(d)
         wall = statistics.fmean(v["wall"] for v in seeds.values())
+        info = "-" if nmi.get(label) is None else f"{nmi[label]:.3f}"
         lines.append(
             f"| {label} | {_ms(vals)} | {_ms(tests)} | {delta} | "
-            f"{100 * statistics.fmean(trains):.1f} | {wall:.0f} |"
+            f"{100 * statistics.fmean(trains):.1f} | {info} | {wall:.0f} |"
         )
     return "\n".join(lines), deltas
 
