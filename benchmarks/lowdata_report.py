@@ -1,12 +1,13 @@
 """Tables and a plot from the low-data summaries in ``docs/results/`` (``lowdata.py``).
 
-For every regime summary (``docs/results/<regime>.json``, not the ``tune_*`` files) prints a
-markdown table: validation and test accuracy (mean ± sample std over seeds), the test
-difference to ``single`` paired by seed (same initialisation and batches: mean ± std of the
-per-seed differences), the final training accuracy, the normalised mutual information between
-the auxiliary classes and the fine classes on the training images, and the wall time per
-run. Writes one figure with a panel per regime: each method's paired test difference to
-single-task, every seed as a dot.
+For every regime summary (``docs/results/<regime>.json``) prints a markdown table: validation
+and test accuracy (mean ± sample std over seeds), the test difference to ``single`` paired by
+seed (same initialisation and batches: mean ± std of the per-seed differences), the final
+training accuracy, the normalised mutual information between the auxiliary classes and the
+fine classes on the training images, and the wall time per run. Writes one figure with a panel
+per regime: each method's paired test difference to single-task, every seed as a dot. The
+``tune_<regime>.json`` records of ``lowdata_tune.py`` get a table of every setting tried,
+with the pick on validation accuracy marked.
 
 Usage::
 
@@ -77,6 +78,23 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
     return "\n".join(lines), deltas
 
 
+def tune_table(record: dict) -> str:
+    """The markdown table of a ``lowdata_tune.py`` record: every setting, the picks marked."""
+    lines = [
+        f"**{record['regime']}**: settings chosen on validation accuracy",
+        "",
+        "| method | setting | val (%) | test (%) | picked |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(record["rows"], key=lambda r: r["method"]):
+        pick = "yes" if record["picks"].get(r["method"]) == r["setting"] else ""
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {_ms(r['val_accuracies'])} | "
+            f"{_ms(r['test_accuracies'])} | {pick} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(all_deltas: dict[str, dict[str, list[float]]], path: Path) -> None:
     import matplotlib
 
@@ -118,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         table, deltas = regime_table(summary)
         print(table + "\n")
         all_deltas[summary["regime"]] = deltas
+    if not a.regimes:
+        for f in sorted(Path(a.results).glob("tune_*.json")):
+            print(tune_table(json.loads(f.read_text())) + "\n")
     if a.plot:
         plot(all_deltas, Path(a.plot))
     return 0
