@@ -25,7 +25,6 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +36,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from auxgen import AuxiliaryLabeler, NonFiniteError
+from auxgen.cli import _finish_distributed
 from auxgen.hierarchy import masked_log_softmax
 from auxgen.losses import neg_entropy
 
@@ -224,15 +224,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         )
         try:
             res = _scenarios(rank)
-            dist.barrier()  # both ranks finish before the group is torn down
-            # ... and meet through the store, so that no rank tears gloo down while its peer
-            # is still finishing the barrier (the peer can abort otherwise)
-            store = dist.distributed_c10d._get_default_store()
-            store.add("finished", 1)
-            while store.add("finished", 0) < WORLD:
-                time.sleep(0.01)
-        finally:
-            dist.destroy_process_group()
+        except BaseException:
+            _finish_distributed(wait=False)
+            raise
+        _finish_distributed()  # both ranks finish before the group is torn down
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
