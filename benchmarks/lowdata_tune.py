@@ -13,8 +13,8 @@ Usage::
     python benchmarks/lowdata_tune.py --data-dir ~/data --regime mnist5 \\
         --methods human maxl-copy maxl-head-next --grid default aw0.3 aw3 every10 --jobs 2
 
-writes ``--summary-dir/tune_<regime>.json`` (every setting's validation and test accuracy per
-seed, and the pick per method) and prints a table.
+writes ``--summary-dir/tune_<regime>.json`` (every setting's validation and test accuracy and
+final auxiliary training loss per seed, and the pick per method) and prints its table.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import statistics
 from pathlib import Path
 
 from lowdata import REGIMES, run_regime
+from lowdata_report import tune_table
 
 #: setting name -> extra ``auxgen run`` arguments (one factor at a time from the defaults)
 SETTINGS: dict[str, list[str]] = {
@@ -70,33 +71,25 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_regime(a.regime, run_args, extra=SETTINGS[g], tag=f"{method}/{g}")
             (s,) = summary["summary"]
             val, test = _stats(s["val_accuracies"]), _stats(s["accuracies"])
+            # the auxiliary loss at the end of training, per seed (how far from uniform)
+            aux = [r["history"][-1].get("train_aux_loss") for r in summary["runs"]]
             rows.append(
                 {"method": method, "setting": g, "args": SETTINGS[g], "seeds": s["seeds"],
                  "val_accuracies": s["val_accuracies"], "test_accuracies": s["accuracies"],
                  "val_mean": val[0], "val_std": val[1], "test_mean": test[0],
-                 "test_std": test[1], "wall_time_mean_s": s["wall_time_mean_s"]}
+                 "test_std": test[1], "final_train_aux_loss": aux,
+                 "wall_time_mean_s": s["wall_time_mean_s"]}
             )  # fmt: skip
-    picks = {}
-    for method in a.methods:
-        mine = [r for r in rows if r["method"] == method]
-        picks[method] = max(mine, key=lambda r: r["val_mean"])["setting"]
 
-    lines = [
-        f"# {a.regime}: settings chosen on validation accuracy ({len(a.seeds)} seeds)",
-        "",
-        "| method | setting | val accuracy (%) | test accuracy (%) | picked |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        pick = "yes" if picks[r["method"]] == r["setting"] else ""
-        lines.append(
-            f"| {r['method']} | {r['setting']} | {100 * r['val_mean']:.2f} ± "
-            f"{100 * r['val_std']:.2f} | {100 * r['test_mean']:.2f} ± "
-            f"{100 * r['test_std']:.2f} | {pick} |"
-        )
-    print("\n".join(lines))
-    summary_dir = Path(a.summary_dir)
-    summary_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(a.summary_dir) / f"tune_{a.regime}.json"
+    if path.exists():  # several invocations on one regime accumulate; new rows replace old
+        new = {(r["method"], r["setting"]) for r in rows}
+        old = json.loads(path.read_text())["rows"]
+        rows = [r for r in old if (r["method"], r["setting"]) not in new] + rows
+    picks = {
+        m: max((r for r in rows if r["method"] == m), key=lambda r: r["val_mean"])["setting"]
+        for m in dict.fromkeys(r["method"] for r in rows)
+    }
     record = {
         "regime": a.regime,
         "base_args": REGIMES[a.regime][0],
@@ -106,18 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "picks": picks,
     }
-    path = summary_dir / f"tune_{a.regime}.json"
-    if path.exists():  # several invocations on one regime accumulate
-        old = json.loads(path.read_text())
-        keep = [r for r in old["rows"] if (r["method"], r["setting"]) not in
-                {(x["method"], x["setting"]) for x in rows}]  # fmt: skip
-        record["rows"] = keep + rows
-        record["picks"] = {
-            m: max((r for r in record["rows"] if r["method"] == m), key=lambda r: r["val_mean"])[
-                "setting"
-            ]
-            for m in {r["method"] for r in record["rows"]}
-        }
+    print(tune_table(record))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
