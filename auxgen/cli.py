@@ -244,11 +244,17 @@ def _add_model_options(g: Any) -> None:
 
 
 def _add_maxl_options(g: Any) -> None:
-    from .experiments.config import GENERATORS, META_MODES, META_SOURCES
+    from .experiments.config import GENERATORS, META_MODES, META_SOURCES, OPTIMIZERS
     from .experiments.config import RunConfig as D
 
     g.add_argument("--generator", choices=GENERATORS, default=D.generator)
     g.add_argument("--gen-lr", type=_float, default=D.gen_lr)
+    g.add_argument(
+        "--gen-optimizer",
+        choices=("same", *OPTIMIZERS),
+        default=D.gen_optimizer,
+        help="the generator's optimiser (same: the kind of --optimizer, as in the paper)",
+    )
     g.add_argument("--gen-weight-decay", type=_float, default=D.gen_weight_decay)
     g.add_argument("--meta", choices=META_MODES, default=D.meta)
     g.add_argument("--meta-every", type=_positive_int, default=D.meta_every)
@@ -267,6 +273,13 @@ def _add_maxl_options(g: Any) -> None:
         f"({D.meta_fraction})",
     )
     g.add_argument("--entropy-weight", type=_float, default=D.entropy_weight)
+    g.add_argument(
+        "--confidence-weight",
+        type=_float,
+        default=D.confidence_weight,
+        help="weight of the per-image label entropy (minimised); equal to --entropy-weight, "
+        "the regulariser is the image-label mutual information (0: the paper's)",
+    )
     g.add_argument(
         "--label-temperature",
         type=_positive_float,

@@ -24,7 +24,7 @@ from .backbone import (
     replace_module,
 )
 from .hierarchy import masked_log_softmax, normalize_psi, owner_index
-from .losses import LOSSES, neg_entropy, per_class_loss, primary_loss
+from .losses import LOSSES, mean_entropy, neg_entropy, per_class_loss, primary_loss
 from .meta import META_MODES, JVPPlan, RNGState, lookahead_direction, meta_jvp
 from .mirror import LOOKAHEADS, check_optimizer, is_mirrored, sgd_stand_in
 
@@ -91,6 +91,13 @@ class AuxiliaryLabeler(nn.Module):
             (the paper's focal loss, ``gamma=focal_gamma``).
         aux_weight: weight of the auxiliary loss in the multi-task loss.
         entropy_weight: weight of the anti-collapse term ``sum_k pbar_k log pbar_k``.
+        confidence_weight: weight of the mean per-image label entropy, added to the
+            generator's objective (``0``, the paper's, leaves it out). The paper's
+            regulariser spreads the *batch-mean* label and is satisfied by labels that are
+            uniform over each class's children for every image, which carry no information;
+            with ``confidence_weight = entropy_weight`` the regulariser is minus the mutual
+            information between image and label, which asks for a confident, balanced
+            partition of each class (see docs/results.md).
         label_temperature: the generated labels are ``masked_softmax(logits / T)``; ``T < 1``
             sharpens them. A freshly initialised generator has small logits, so at ``T = 1``
             (the paper's) its labels start close to uniform over each class's children and
@@ -182,6 +189,7 @@ class AuxiliaryLabeler(nn.Module):
         loss: str = "ce",
         aux_weight: float = 1.0,
         entropy_weight: float = 0.2,
+        confidence_weight: float = 0.0,
         label_temperature: float = 1.0,
         feature_dim: Optional[int] = None,
         classifier: Union[str, nn.Module, None] = None,
@@ -214,7 +222,11 @@ class AuxiliaryLabeler(nn.Module):
             raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"meta_every must be a positive int, got {meta_every!r}")
-        for name, val in (("aux_weight", aux_weight), ("entropy_weight", entropy_weight)):
+        for name, val in (
+            ("aux_weight", aux_weight),
+            ("entropy_weight", entropy_weight),
+            ("confidence_weight", confidence_weight),
+        ):
             if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {val!r}")
         if (
@@ -257,6 +269,7 @@ class AuxiliaryLabeler(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.aux_weight = float(aux_weight)
         self.entropy_weight = float(entropy_weight)
+        self.confidence_weight = float(confidence_weight)
         self.label_temperature = float(label_temperature)
         self.meta = meta
         self.meta_every = meta_every
@@ -837,11 +850,13 @@ class AuxiliaryLabeler(nn.Module):
                 lp_plus = primary_loss_at([])
             dell = torch.zeros_like(ell)
         g_t = dell.detach() * (self.aux_weight / n)
-        ent = neg_entropy(t)
-        surrogate = (g_t.to(t.dtype) * t).sum() + self.entropy_weight * ent
+        reg = self.entropy_weight * neg_entropy(t)
+        if self.confidence_weight:
+            reg = reg + self.confidence_weight * mean_entropy(t)
+        surrogate = (g_t.to(t.dtype) * t).sum() + reg
         gen_grads = list(torch.autograd.grad(surrogate, gen_params, allow_unused=True))
         self._average([g for g in gen_grads if g is not None])
-        return gen_grads, (lp_plus + self.entropy_weight * ent.detach()).detach()
+        return gen_grads, (lp_plus + reg.detach()).detach()
 
     def _primary_grads(self, lp: Tensor, params: list[Tensor]) -> tuple[list[int], list[Tensor]]:
         """Indices in ``params`` of the shared parameters and ``grad L_p`` on them."""
@@ -891,5 +906,6 @@ class AuxiliaryLabeler(nn.Module):
         return (
             f"psi={list(self.psi)}, generator={self.generator_kind!r}, loss={self.loss!r}, "
             f"meta={self.meta!r}, meta_every={self.meta_every}, aux_weight={self.aux_weight}, "
-            f"entropy_weight={self.entropy_weight}, label_temperature={self.label_temperature}"
+            f"entropy_weight={self.entropy_weight}, confidence_weight={self.confidence_weight}, "
+            f"label_temperature={self.label_temperature}"
         )

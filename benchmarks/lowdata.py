@@ -63,7 +63,7 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
     # an earlier check; 30 epochs take it close to fitting its 2,000 training images.
     "cifar10cnn5": (
         ["--dataset", "cifar100", "--primary-level", "10", "--epochs", "30", *CNN],
-        ["single", "human", "maxl-copy", "maxl-head-next", "random", "maxl-head-heldout"],
+        ["single", "human", "maxl-copy", "maxl-head-next", "random", "maxl-head-heldout", "kmeans"],
     ),
     # AuxiLearn's setting: the 100 fine classes as the primary task, psi = 5, no human task.
     "cifar100fine5": (

@@ -6,7 +6,7 @@ seeds; the setting with the best **mean validation accuracy** is that method's p
 accuracy is recorded for every setting (so nothing is hidden), but only the pick's test
 accuracy is the method's result. The settings vary one factor at a time from the defaults
 (``SETTINGS`` below): the auxiliary weight, amortised generator updates (``meta_every``),
-the generator's learning rate, the entropy weight and the label temperature.
+the generator's learning rate and optimiser, the entropy weight and the label temperature.
 
 Usage::
 
@@ -37,9 +37,23 @@ SETTINGS: dict[str, list[str]] = {
     "ent1": ["--entropy-weight", "1"],
     "temp0.3": ["--label-temperature", "0.3"],
     "temp0.1": ["--label-temperature", "0.1"],
+    "genadam": ["--gen-optimizer", "adam"],
+    "genadam0.01": ["--gen-optimizer", "adam", "--gen-lr", "0.01"],
+    "mi0.2": ["--confidence-weight", "0.2"],
+    "mi1": ["--confidence-weight", "1", "--entropy-weight", "1"],
 }
 #: settings that only mean something for methods with a label generator
-_MAXL_ONLY = {"every10", "genlr0.01", "ent1", "temp0.3", "temp0.1"}
+_MAXL_ONLY = {
+    "every10",
+    "genlr0.01",
+    "ent1",
+    "temp0.3",
+    "temp0.1",
+    "genadam",
+    "genadam0.01",
+    "mi0.2",
+    "mi1",
+}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

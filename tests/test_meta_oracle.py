@@ -247,9 +247,10 @@ class OracleOpt:
         return out
 
 
-def oracle_step(theta, phi, bn, opt, x, y, meta=None, temperature=1.0):
+def oracle_step(theta, phi, bn, opt, x, y, meta=None, temperature=1.0, confidence=0.0):
     """One MAXL step; ``meta=(x_m, y_m)`` measures the meta loss on another batch;
-    ``temperature`` divides the generator's logits."""
+    ``temperature`` divides the generator's logits; ``confidence`` weighs the mean
+    per-image label entropy."""
     x_m, y_m = meta if meta is not None else (x, y)
     th = {n: v.detach().clone().requires_grad_(True) for n, v in theta.items()}
     ph = {n: v.detach().clone().requires_grad_(True) for n, v in phi.items()}
@@ -273,9 +274,12 @@ def oracle_step(theta, phi, bn, opt, x, y, meta=None, temperature=1.0):
     plus = opt.update(th, G, commit=False)  # look-ahead with the current optimiser state
     hp, _, _ = features(plus, x_m)
     pbar = t.mean(0)
+    # t is exactly 0 outside each image's children: log(t + (t == 0)) keeps 0 log 0 = 0
+    per_image_entropy = -(t * torch.log(t + (t == 0).to(t.dtype))).sum(1)
     lmeta = (
         primary_ce(F.linear(hp, plus["3.weight"], plus["3.bias"]), y_m)
         + ENT_W * (pbar * pbar.log()).sum()
+        + confidence * per_image_entropy.mean()
     )
     meta_grad = dict(zip(ph, torch.autograd.grad(lmeta, list(ph.values()))))
     theta_new = opt.update(
@@ -540,3 +544,38 @@ def test_grad_cosine_costs_one_backward_when_enabled_and_none_when_disabled(monk
         counts[diagnostics, "meta"] = len(calls)
     assert counts[False, "plain"] == 1 and counts[True, "plain"] == 2
     assert counts[True, "meta"] == counts[False, "meta"] + 1
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum", "adam"])
+def test_confidence_weight_matches_oracle(case):
+    """The per-image label entropy term: the exact meta-gradient (and meta loss) of the
+    oracle's objective, which differs from the paper's, and the real update unchanged."""
+    opt_cls, kind, hp, zero_col = CASES[case]
+    conf = 0.5
+    model, gen, labeler, batches = build("second_order", zero_col, confidence_weight=conf)
+    opt = opt_cls(labeler.model_parameters(), **hp)
+    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
+    oracle = OracleOpt(kind, hp)
+    for step, (x, y) in enumerate(batches):
+        theta, bn = lib_theta(model, labeler), lib_bn(model)
+        phi = {n: p.detach().clone() for n, p in gen.named_parameters()}
+        ref = oracle_step(theta, phi, bn, oracle, x, y, confidence=conf)
+        plain = oracle_step(theta, phi, bn, OracleOpt(kind, hp), x, y)
+        out = labeler.step(x, y, opt, gen_opt)
+        msg = f"{case} step {step}"
+        for gi, wi in zip([p.grad for p in gen.parameters()], ref["meta_grad"].values()):
+            assert torch.isfinite(gi).all(), msg
+            torch.testing.assert_close(gi, wi, **TOL, msg=msg)
+        torch.testing.assert_close(out["meta_loss"], ref["losses"]["meta_loss"], **TOL)
+        diff = [w - p for w, p in zip(ref["meta_grad"].values(), plain["meta_grad"].values())]
+        assert float(torch.cat([d.flatten() for d in diff]).norm()) > 1e-6, msg
+        assert float(ref["losses"]["meta_loss"] - plain["losses"]["meta_loss"]) > 0, msg
+        for n, v in lib_theta(model, labeler).items():
+            torch.testing.assert_close(v, ref["theta"][n], **TOL, msg=f"{msg}: theta {n}")
+
+
+@pytest.mark.parametrize("bad", [-0.1, "1", True, None])
+def test_confidence_weight_errors(bad):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="confidence_weight must be a non-negative number"):
+        AuxiliaryLabeler(model, psi=2, confidence_weight=bad)

@@ -13,7 +13,7 @@ from auxgen.experiments.config import RunConfig, check_config, parse_method
 from auxgen.experiments.datasets import load_data
 from auxgen.experiments.models import SmallCNN, build_model, check_backbone
 from auxgen.experiments.sweep import format_table, markdown_table, run_sweep, summarize
-from auxgen.experiments.training import train
+from auxgen.experiments.training import _build, train
 
 TINY = RunConfig(
     dataset="digits",
@@ -86,6 +86,41 @@ def test_resume_finished_run_and_mismatch(tmp_path: Path) -> None:
     assert fresh["resumed_from_epoch"] is None
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(dataclasses.replace(cfg, out_dir=str(tmp_path / "empty"), resume=True))
+
+
+def test_checkpoint_of_an_older_version_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before a config field existed lacks it: it resumes when the
+    field keeps its default (the older version's arithmetic), and is refused otherwise."""
+    cfg = dataclasses.replace(TINY, method="maxl", epochs=2, out_dir=str(tmp_path))
+    first = train(cfg)
+    (tmp_path / "results.json").unlink()
+    ckpt_path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for field in ("confidence_weight", "gen_optimizer"):
+        del ckpt["fingerprint"][field]
+    torch.save(ckpt, ckpt_path)
+    again = train(cfg)
+    assert again["resumed_from_epoch"] == 2
+    assert again["final_test_accuracy"] == first["final_test_accuracy"]
+    with pytest.raises(ValueError, match="differs in: confidence_weight, gen_optimizer"):
+        train(dataclasses.replace(cfg, confidence_weight=0.2, gen_optimizer="adam"))
+
+
+@pytest.mark.parametrize("optimizer, gen_optimizer, want", [
+    ("sgd", "same", torch.optim.SGD), ("adam", "same", torch.optim.Adam),
+    ("sgd", "adam", torch.optim.Adam), ("adam", "sgd", torch.optim.SGD),
+])  # fmt: skip
+def test_generator_optimizer_and_confidence_reach_the_labeler(optimizer, gen_optimizer, want):
+    cfg = dataclasses.replace(
+        TINY, method="maxl", optimizer=optimizer, gen_optimizer=gen_optimizer,
+        confidence_weight=0.3, gen_lr=0.02,
+    )  # fmt: skip
+    run = _build(cfg.validate(), torch.device("cpu"))
+    assert type(run.gen_opt) is want and run.gen_opt.param_groups[0]["lr"] == 0.02
+    assert type(run.opt) is (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)
+    assert run.labeler.confidence_weight == 0.3
+    with pytest.raises(ValueError, match="gen_optimizer must be one of"):
+        dataclasses.replace(cfg, gen_optimizer="lbfgs").validate()
 
 
 def test_smoke_and_subset() -> None:

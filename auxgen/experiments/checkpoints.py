@@ -45,6 +45,15 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in _NON_MATH_FIELDS}
 
 
+def _stored_fingerprint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's fingerprint, with the defaults for fields added after it was written
+    (a new field's default keeps the arithmetic of the versions without it)."""
+    stored = ckpt.get("fingerprint")
+    if not isinstance(stored, dict):
+        return {}
+    return {**fingerprint(RunConfig()), **stored}
+
+
 def finished_results(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
     """The stored results of a finished run with the same settings, else ``None``."""
     try:
@@ -65,8 +74,8 @@ def open_checkpoint(cfg: RunConfig, ckpt_path: Optional[Path]) -> Optional[dict[
     ckpt: Optional[dict[str, Any]] = None
     if cfg.resume is not False and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("fingerprint") != fingerprint(cfg):
-            old = ckpt.get("fingerprint") or {}
+        old = _stored_fingerprint(ckpt)
+        if old != fingerprint(cfg):
             diff = sorted(k for k in fingerprint(cfg) if old.get(k) != fingerprint(cfg)[k])
             raise ValueError(
                 f"{ckpt_path} belongs to a different run (differs in: {', '.join(diff)}); "

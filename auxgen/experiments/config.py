@@ -87,8 +87,10 @@ class RunConfig:
         epochs: number of passes over the training set.
         batch_size: training batch size.
         lr: (peak) learning rate of the multi-task network.
-        optimizer: ``"sgd"`` (momentum ``momentum``) or ``"adam"``; the generator uses the
-            same kind.
+        optimizer: ``"sgd"`` (momentum ``momentum``) or ``"adam"``.
+        gen_optimizer: the generator's optimiser: ``"same"`` (the kind of ``optimizer``, as in
+            the paper), ``"sgd"`` or ``"adam"``. Adam's step does not shrink with the
+            meta-gradient, which becomes tiny once the training batches are fitted.
         momentum: SGD momentum (and OneCycle's maximum momentum).
         weight_decay: weight decay of the multi-task network.
         schedule: ``"cosine"`` (per step, to 0), ``"onecycle"`` or ``"constant"``.
@@ -107,6 +109,8 @@ class RunConfig:
             images than the other methods, the price of its held-out meta loss).
         aux_weight: weight of the auxiliary loss (ignored by ``single``, which uses 0).
         entropy_weight: weight of MAXL's anti-collapse entropy term.
+        confidence_weight: weight of the mean per-image label entropy in the generator's
+            objective (``0``: the paper's; see ``AuxiliaryLabeler``).
         label_temperature: temperature of MAXL's generated labels (``< 1`` sharpens them).
         diagnostics: record ``train_grad_cosine`` per epoch, the mean cosine similarity
             between the primary and auxiliary gradients on the shared parameters (one
@@ -157,6 +161,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     gen_lr: float = 1e-3
+    gen_optimizer: str = "same"
     gen_weight_decay: float = 5e-4
     generator: str = "copy"
     meta: str = "second_order"
@@ -165,6 +170,7 @@ class RunConfig:
     meta_fraction: float = 0.1
     aux_weight: float = 1.0
     entropy_weight: float = 0.2
+    confidence_weight: float = 0.0
     label_temperature: float = 1.0
     diagnostics: bool = False
     seed: int = 0
@@ -205,6 +211,7 @@ class RunConfig:
             "method": METHODS,
             "generator": GENERATORS,
             "optimizer": OPTIMIZERS,
+            "gen_optimizer": ("same", *OPTIMIZERS),
             "schedule": SCHEDULES,
             "meta": META_MODES,
             "meta_source": META_SOURCES,
@@ -242,7 +249,13 @@ class RunConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
-        for name in ("momentum", "weight_decay", "gen_weight_decay", "aux_weight"):
+        for name in (
+            "momentum",
+            "weight_decay",
+            "gen_weight_decay",
+            "aux_weight",
+            "confidence_weight",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {v!r}")

@@ -160,6 +160,7 @@ def _build(cfg: RunConfig, device: torch.device) -> _Run:
         generator=cfg.generator if is_maxl else "head",
         aux_weight=0.0 if cfg.method == "single" else cfg.aux_weight,
         entropy_weight=cfg.entropy_weight,
+        confidence_weight=cfg.confidence_weight,
         label_temperature=cfg.label_temperature,
         meta=cfg.meta,
         meta_every=cfg.meta_every,
@@ -170,7 +171,7 @@ def _build(cfg: RunConfig, device: torch.device) -> _Run:
     )
     gen_opt = (
         _make_optimizer(
-            cfg.optimizer,
+            cfg.optimizer if cfg.gen_optimizer == "same" else cfg.gen_optimizer,
             labeler.generator_parameters(),
             cfg.gen_lr,
             cfg.momentum,
