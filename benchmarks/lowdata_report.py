@@ -79,19 +79,35 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
 
 
 def tune_table(record: dict) -> str:
-    """The markdown table of a ``lowdata_tune.py`` record: every setting, the picks marked."""
+    """The markdown table of a ``lowdata_tune.py`` record: every setting, the picks marked.
+
+    When the record holds ``single`` at its default, a column gives each row's test
+    difference to it, paired by seed (the seeds both have).
+    """
+    base = next(
+        (r for r in record["rows"] if r["method"] == "single" and r["setting"] == "default"),
+        None,
+    )
+    head = "| method | setting | seeds | val (%) | test (%) |"
+    head += " test − single, paired (points) |" if base else ""
     lines = [
         f"**{record['regime']}**: settings chosen on validation accuracy",
         "",
-        "| method | setting | val (%) | test (%) | picked |",
-        "|---|---|---|---|---|",
+        head + " picked |",
+        "|---|---|---|---|---|" + ("---|" if base else "") + "---|",
     ]
     for r in sorted(record["rows"], key=lambda r: r["method"]):
         pick = "yes" if record["picks"].get(r["method"]) == r["setting"] else ""
-        lines.append(
-            f"| {r['method']} | {r['setting']} | {_ms(r['val_accuracies'])} | "
-            f"{_ms(r['test_accuracies'])} | {pick} |"
+        line = (
+            f"| {r['method']} | {r['setting']} | {len(r['seeds'])} | "
+            f"{_ms(r['val_accuracies'])} | {_ms(r['test_accuracies'])} |"
         )
+        if base:
+            ref = dict(zip(base["seeds"], base["test_accuracies"]))
+            d = [t - ref[s] for s, t in zip(r["seeds"], r["test_accuracies"]) if s in ref]
+            sign = "+" if d and statistics.fmean(d) >= 0 else ""
+            line += " - |" if r is base or not d else f" {sign}{_ms(d)} |"
+        lines.append(f"{line} {pick} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,48 @@
+"""``benchmarks/lowdata_report.py``: the tuning table's paired differences to single-task."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from lowdata_report import tune_table  # noqa: E402
+
+
+def _row(method: str, setting: str, seeds: list[int], val: list[float], test: list[float]):
+    return dict(method=method, setting=setting, seeds=seeds, val_accuracies=val,
+                test_accuracies=test)  # fmt: skip
+
+
+def test_tune_table_pairs_by_seed_and_marks_picks() -> None:
+    record = {
+        "regime": "toy",
+        "rows": [
+            _row("single", "default", [0, 1, 2], [0.50, 0.52, 0.54], [0.40, 0.42, 0.44]),
+            # seed 3 has no single-task run: it is left out of the paired difference
+            _row("maxl-copy", "mi0.2", [0, 1, 3], [0.60, 0.60, 0.60], [0.41, 0.45, 0.99]),
+            _row("maxl-copy", "default", [2, 1], [0.50, 0.50], [0.44, 0.40]),
+        ],
+        "picks": {"single": "default", "maxl-copy": "mi0.2"},
+    }
+    lines = tune_table(record).splitlines()
+    assert "test − single, paired (points)" in lines[2]
+    mi, default, single = lines[4:7]  # sorted by method, settings in record order
+    assert single.split("|")[6].strip() == "-"
+    # mi0.2: seed 0 +1, seed 1 +3 points -> +2.00 ± 1.41; picked
+    assert mi.split("|")[6].strip() == "+2.00 ± 1.41" and mi.split("|")[7].strip() == "yes"
+    assert mi.split("|")[3].strip() == "3"
+    # default: seed 2 +0, seed 1 -2 points (pairs follow the seeds, not the order)
+    assert default.split("|")[6].strip() == "-1.00 ± 1.41"
+    assert default.split("|")[7].strip() == ""
+
+
+def test_tune_table_without_single_has_no_paired_column() -> None:
+    record = {
+        "regime": "toy",
+        "rows": [_row("human", "aw3", [0, 1], [0.5, 0.6], [0.5, 0.7])],
+        "picks": {"human": "aw3"},
+    }
+    lines = tune_table(record).splitlines()
+    assert "paired" not in lines[2]
+    assert lines[4].split("|")[4].strip() == "55.00 ± 7.07"
