@@ -11,7 +11,8 @@ with the pick on validation accuracy marked.
 
 Usage::
 
-    python benchmarks/lowdata_report.py --results docs/results --plot docs/img/lowdata.png
+    python benchmarks/lowdata_report.py --results docs/results --plot docs/img/lowdata.png \\
+        --tune-plot docs/img/lowdata_tune.png
 """
 
 from __future__ import annotations
@@ -137,11 +138,32 @@ def plot(all_deltas: dict[str, dict[str, list[float]]], path: Path) -> None:
     plt.close(fig)
 
 
+def tune_deltas(record: dict) -> dict[str, list[float]]:
+    """``"method / setting"`` -> per-seed test differences to ``single`` (paired by seed);
+    empty when the record has no single-task row."""
+    base = next(
+        (r for r in record["rows"] if r["method"] == "single" and r["setting"] == "default"),
+        None,
+    )
+    if base is None:
+        return {}
+    ref = dict(zip(base["seeds"], base["test_accuracies"]))
+    out = {}
+    for r in sorted(record["rows"], key=lambda r: r["method"]):
+        if r is not base:
+            d = [t - ref[s] for s, t in zip(r["seeds"], r["test_accuracies"]) if s in ref]
+            out[f"{r['method']} / {r['setting']}"] = d
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="docs/results")
     p.add_argument("--regimes", nargs="+", default=None, help="default: every summary")
     p.add_argument("--plot", default=None, help="write the figure here (PNG)")
+    p.add_argument(
+        "--tune-plot", default=None, help="figure of the tuning records' paired differences"
+    )
     a = p.parse_args(argv)
     files = sorted(f for f in Path(a.results).glob("*.json") if not f.name.startswith("tune_"))
     if a.regimes:
@@ -157,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             print(tune_table(json.loads(f.read_text())) + "\n")
     if a.plot:
         plot(all_deltas, Path(a.plot))
+    if a.tune_plot:
+        tunes = {}
+        for f in sorted(Path(a.results).glob("tune_*.json")):
+            record = json.loads(f.read_text())
+            if d := tune_deltas(record):
+                tunes[f"{record['regime']} (settings)"] = d
+        plot(tunes, Path(a.tune_plot))
     return 0
 
 

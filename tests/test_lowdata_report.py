@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from lowdata_report import tune_table  # noqa: E402
+from lowdata_report import tune_deltas, tune_table  # noqa: E402
 
 
 def _row(method: str, setting: str, seeds: list[int], val: list[float], test: list[float]):
@@ -46,3 +48,17 @@ def test_tune_table_without_single_has_no_paired_column() -> None:
     lines = tune_table(record).splitlines()
     assert "paired" not in lines[2]
     assert lines[4].split("|")[4].strip() == "55.00 ± 7.07"
+
+
+def test_tune_deltas_pair_by_seed() -> None:
+    record = {
+        "regime": "toy",
+        "rows": [
+            _row("maxl-copy", "mi1", [1, 0, 3], [0.5] * 3, [0.45, 0.40, 0.9]),
+            _row("single", "default", [0, 1], [0.5, 0.5], [0.40, 0.42]),
+        ],
+        "picks": {},
+    }
+    ((key, d),) = tune_deltas(record).items()
+    assert key == "maxl-copy / mi1" and d == pytest.approx([0.03, 0.0])
+    assert tune_deltas({"rows": [record["rows"][0]]}) == {}
