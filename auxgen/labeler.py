@@ -97,7 +97,8 @@ class AuxiliaryLabeler(nn.Module):
             uniform over each class's children for every image, which carry no information;
             with ``confidence_weight = entropy_weight`` the regulariser is minus the mutual
             information between image and label, which asks for a confident, balanced
-            partition of each class (see docs/results.md).
+            partition of each class. In the low-data regimes of docs/results.md it made the
+            labels confident without making them informative or the classifier better.
         label_temperature: the generated labels are ``masked_softmax(logits / T)``; ``T < 1``
             sharpens them. A freshly initialised generator has small logits, so at ``T = 1``
             (the paper's) its labels start close to uniform over each class's children and

@@ -90,7 +90,8 @@ class RunConfig:
         optimizer: ``"sgd"`` (momentum ``momentum``) or ``"adam"``.
         gen_optimizer: the generator's optimiser: ``"same"`` (the kind of ``optimizer``, as in
             the paper), ``"sgd"`` or ``"adam"``. Adam's step does not shrink with the
-            meta-gradient, which becomes tiny once the training batches are fitted.
+            meta-gradient, which becomes tiny once the training batches are fitted (in
+            docs/results.md it moved the labels towards one child per class).
         momentum: SGD momentum (and OneCycle's maximum momentum).
         weight_decay: weight decay of the multi-task network.
         schedule: ``"cosine"`` (per step, to 0), ``"onecycle"`` or ``"constant"``.
