@@ -446,31 +446,46 @@ def test_meta_batch_matches_oracle(case, meta):
         assert not torch.equal(lib_bn(model)["running_mean"], bn_before["running_mean"])
 
 
+# option of AuxiliaryLabeler -> (its value, the oracle_step keyword that models it)
+LABEL_OPTIONS = {
+    # sharpened labels (logits / T)
+    "label_temperature": (0.3, "temperature"),
+    # the per-image label entropy term in the generator's objective
+    "confidence_weight": (0.5, "confidence"),
+}
+
+
+@pytest.mark.parametrize("option", list(LABEL_OPTIONS))
 @pytest.mark.parametrize("case", ["sgd_momentum", "adam"])
-def test_label_temperature_matches_oracle(case):
-    """Sharpened labels (logits / T): the same exact meta-gradient as the oracle's, and labels
-    that differ from the T = 1 ones."""
+def test_label_option_matches_oracle(case, option):
+    """Each option: the generated labels, the exact meta-gradient and losses of the oracle's
+    objective, which differs from the paper's (T = 1, no confidence term), and the real
+    update unchanged."""
     opt_cls, kind, hp, zero_col = CASES[case]
-    temperature = 0.3
-    model, gen, labeler, batches = build("second_order", zero_col, label_temperature=temperature)
+    value, oracle_kw = LABEL_OPTIONS[option]
+    model, gen, labeler, batches = build("second_order", zero_col, **{option: value})
     opt = opt_cls(labeler.model_parameters(), **hp)
     gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
     oracle = OracleOpt(kind, hp)
+    temperature = value if option == "label_temperature" else 1.0
     for step, (x, y) in enumerate(batches):
         theta, bn = lib_theta(model, labeler), lib_bn(model)
         phi = {n: p.detach().clone() for n, p in gen.named_parameters()}
-        ref = oracle_step(theta, phi, bn, oracle, x, y, temperature=temperature)
+        ref = oracle_step(theta, phi, bn, oracle, x, y, **{oracle_kw: value})
         plain = oracle_step(theta, phi, bn, OracleOpt(kind, hp), x, y)
         want_t = masked_softmax(gen_logits(phi, x) / temperature, y)
         torch.testing.assert_close(labeler.generate_labels(x, y), want_t, **TOL)
         out = labeler.step(x, y, opt, gen_opt)
-        msg = f"{case} step {step}"
+        msg = f"{case}/{option} step {step}"
         for gi, wi in zip([p.grad for p in gen.parameters()], ref["meta_grad"].values()):
+            assert torch.isfinite(gi).all(), msg
             torch.testing.assert_close(gi, wi, **TOL, msg=msg)
         torch.testing.assert_close(out["meta_loss"], ref["losses"]["meta_loss"], **TOL)
         torch.testing.assert_close(out["aux_loss"], ref["losses"]["aux_loss"], **TOL)
         diff = [w - p for w, p in zip(ref["meta_grad"].values(), plain["meta_grad"].values())]
         assert float(torch.cat([d.flatten() for d in diff]).norm()) > 1e-6, msg
+        if option == "confidence_weight":  # the entropy penalty only adds to the meta loss
+            assert float(ref["losses"]["meta_loss"] - plain["losses"]["meta_loss"]) > 0, msg
         for n, v in lib_theta(model, labeler).items():
             torch.testing.assert_close(v, ref["theta"][n], **TOL, msg=f"{msg}: theta {n}")
 
@@ -544,34 +559,6 @@ def test_grad_cosine_costs_one_backward_when_enabled_and_none_when_disabled(monk
         counts[diagnostics, "meta"] = len(calls)
     assert counts[False, "plain"] == 1 and counts[True, "plain"] == 2
     assert counts[True, "meta"] == counts[False, "meta"] + 1
-
-
-@pytest.mark.parametrize("case", ["sgd_momentum", "adam"])
-def test_confidence_weight_matches_oracle(case):
-    """The per-image label entropy term: the exact meta-gradient (and meta loss) of the
-    oracle's objective, which differs from the paper's, and the real update unchanged."""
-    opt_cls, kind, hp, zero_col = CASES[case]
-    conf = 0.5
-    model, gen, labeler, batches = build("second_order", zero_col, confidence_weight=conf)
-    opt = opt_cls(labeler.model_parameters(), **hp)
-    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
-    oracle = OracleOpt(kind, hp)
-    for step, (x, y) in enumerate(batches):
-        theta, bn = lib_theta(model, labeler), lib_bn(model)
-        phi = {n: p.detach().clone() for n, p in gen.named_parameters()}
-        ref = oracle_step(theta, phi, bn, oracle, x, y, confidence=conf)
-        plain = oracle_step(theta, phi, bn, OracleOpt(kind, hp), x, y)
-        out = labeler.step(x, y, opt, gen_opt)
-        msg = f"{case} step {step}"
-        for gi, wi in zip([p.grad for p in gen.parameters()], ref["meta_grad"].values()):
-            assert torch.isfinite(gi).all(), msg
-            torch.testing.assert_close(gi, wi, **TOL, msg=msg)
-        torch.testing.assert_close(out["meta_loss"], ref["losses"]["meta_loss"], **TOL)
-        diff = [w - p for w, p in zip(ref["meta_grad"].values(), plain["meta_grad"].values())]
-        assert float(torch.cat([d.flatten() for d in diff]).norm()) > 1e-6, msg
-        assert float(ref["losses"]["meta_loss"] - plain["losses"]["meta_loss"]) > 0, msg
-        for n, v in lib_theta(model, labeler).items():
-            torch.testing.assert_close(v, ref["theta"][n], **TOL, msg=f"{msg}: theta {n}")
 
 
 @pytest.mark.parametrize("bad", [-0.1, "1", True, None])
