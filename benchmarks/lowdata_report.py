@@ -85,17 +85,14 @@ def tune_table(record: dict) -> str:
     When the record holds ``single`` at its default, a column gives each row's test
     difference to it, paired by seed (the seeds both have).
     """
-    base = next(
-        (r for r in record["rows"] if r["method"] == "single" and r["setting"] == "default"),
-        None,
-    )
+    deltas = tune_deltas(record)
     head = "| method | setting | seeds | val (%) | test (%) |"
-    head += " test − single, paired (points) |" if base else ""
+    head += " test − single, paired (points) |" if deltas else ""
     lines = [
         f"**{record['regime']}**: settings chosen on validation accuracy",
         "",
         head + " picked |",
-        "|---|---|---|---|---|" + ("---|" if base else "") + "---|",
+        "|---|---|---|---|---|" + ("---|" if deltas else "") + "---|",
     ]
     for r in sorted(record["rows"], key=lambda r: r["method"]):
         pick = "yes" if record["picks"].get(r["method"]) == r["setting"] else ""
@@ -103,11 +100,10 @@ def tune_table(record: dict) -> str:
             f"| {r['method']} | {r['setting']} | {len(r['seeds'])} | "
             f"{_ms(r['val_accuracies'])} | {_ms(r['test_accuracies'])} |"
         )
-        if base:
-            ref = dict(zip(base["seeds"], base["test_accuracies"]))
-            d = [t - ref[s] for s, t in zip(r["seeds"], r["test_accuracies"]) if s in ref]
+        if deltas:
+            d = deltas.get(f"{r['method']} / {r['setting']}")
             sign = "+" if d and statistics.fmean(d) >= 0 else ""
-            line += " - |" if r is base or not d else f" {sign}{_ms(d)} |"
+            line += f" {sign}{_ms(d)} |" if d else " - |"
         lines.append(f"{line} {pick} |")
     return "\n".join(lines)
 

@@ -74,9 +74,9 @@ def open_checkpoint(cfg: RunConfig, ckpt_path: Optional[Path]) -> Optional[dict[
     ckpt: Optional[dict[str, Any]] = None
     if cfg.resume is not False and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        old = _stored_fingerprint(ckpt)
-        if old != fingerprint(cfg):
-            diff = sorted(k for k in fingerprint(cfg) if old.get(k) != fingerprint(cfg)[k])
+        old, new = _stored_fingerprint(ckpt), fingerprint(cfg)
+        if old != new:
+            diff = sorted(k for k in new if old.get(k) != new[k])
             raise ValueError(
                 f"{ckpt_path} belongs to a different run (differs in: {', '.join(diff)}); "
                 "use another --out, or --no-resume to overwrite it"
