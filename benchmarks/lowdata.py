@@ -87,7 +87,11 @@ def strip_summary(result: dict) -> dict:
     """The sweep summary with per-run histories, without per-image analysis or local paths."""
     runs = []
     for r in result["runs"]:
-        aux = {k: v for k, v in r.get("aux", {}).items() if k.startswith("aux_nmi")}
+        aux = {
+            k: v
+            for k, v in r.get("aux", {}).items()
+            if k.startswith("aux_nmi") or k == "aux_used_test"
+        }
         keep = ("label", "config", "history", "final_test_accuracy", "final_val_accuracy")
         keep += ("wall_time_s", "train_time_s", "num_train", "num_val", "num_meta", "psi")
         run = {**{k: r.get(k) for k in keep}, "aux": aux}

@@ -13,8 +13,9 @@ Usage::
     python benchmarks/lowdata_tune.py --data-dir ~/data --regime mnist5 \\
         --methods human maxl-copy maxl-head-next --grid default aw0.3 aw3 every10 --jobs 2
 
-writes ``--summary-dir/tune_<regime>.json`` (every setting's validation and test accuracy and
-final auxiliary training loss per seed, and the pick per method) and prints its table.
+writes ``--summary-dir/tune_<regime>.json`` (every setting's validation and test accuracy,
+final auxiliary training loss, NMI of the labels with the fine classes and number of
+auxiliary classes used on test per seed, and the pick per method) and prints its table.
 """
 
 from __future__ import annotations
@@ -87,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             val, test = _stats(s["val_accuracies"]), _stats(s["accuracies"])
             # the auxiliary loss at the end of training, per seed (how far from uniform)
             aux = [r["history"][-1].get("train_aux_loss") for r in summary["runs"]]
+            # what the labels became, per seed: NMI with the fine classes, children used
+            nmi = [r["aux"].get("aux_nmi_train") for r in summary["runs"]]
+            used = [r["aux"].get("aux_used_test") for r in summary["runs"]]
             rows.append(
                 {"method": method, "setting": g, "args": SETTINGS[g], "seeds": s["seeds"],
                  "val_accuracies": s["val_accuracies"], "test_accuracies": s["accuracies"],
                  "val_mean": val[0], "val_std": val[1], "test_mean": test[0],
                  "test_std": test[1], "final_train_aux_loss": aux,
+                 "aux_nmi_train": nmi, "aux_used_test": used,
                  "wall_time_mean_s": s["wall_time_mean_s"]}
             )  # fmt: skip
 
