@@ -241,6 +241,13 @@ def _add_model_options(g: Any) -> None:
     g.add_argument("--weight-decay", type=_float, default=D.weight_decay)
     g.add_argument("--schedule", choices=SCHEDULES, default=D.schedule)
     g.add_argument("--aux-weight", type=_float, default=D.aux_weight)
+    g.add_argument(
+        "--aux-label-noise",
+        type=_float,
+        default=D.aux_label_noise,
+        help="human/kmeans: fraction of the training images given a random child of their "
+        "class instead of their label (0)",
+    )
 
 
 def _add_maxl_options(g: Any) -> None:

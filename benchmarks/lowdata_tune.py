@@ -6,7 +6,8 @@ seeds; the setting with the best **mean validation accuracy** is that method's p
 accuracy is recorded for every setting (so nothing is hidden), but only the pick's test
 accuracy is the method's result. The settings vary one factor at a time from the defaults
 (``SETTINGS`` below): the auxiliary weight, amortised generator updates (``meta_every``),
-the generator's learning rate and optimiser, the entropy weight and the label temperature.
+the generator's learning rate and optimiser, the entropy weight and the label temperature;
+and, for the human and k-means labels, a fraction of them replaced by random children.
 
 Usage::
 
@@ -42,6 +43,10 @@ SETTINGS: dict[str, list[str]] = {
     "genadam0.01": ["--gen-optimizer", "adam", "--gen-lr", "0.01"],
     "mi0.2": ["--confidence-weight", "0.2"],
     "mi1": ["--confidence-weight", "1", "--entropy-weight", "1"],
+    # fixed labels with a fraction replaced by random children: how informative must they be?
+    "noise0.25": ["--aux-label-noise", "0.25"],
+    "noise0.5": ["--aux-label-noise", "0.5"],
+    "noise0.75": ["--aux-label-noise", "0.75"],
 }
 #: settings that only mean something for methods with a label generator
 _MAXL_ONLY = {
@@ -55,6 +60,9 @@ _MAXL_ONLY = {
     "mi0.2",
     "mi1",
 }
+
+#: settings that only mean something for methods with fixed labels (human, k-means)
+_FIXED_ONLY = {"noise0.25", "noise0.5", "noise0.75"}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in a.methods:
         for g in a.grid:
             if g in _MAXL_ONLY and not method.startswith("maxl"):
+                continue
+            if g in _FIXED_ONLY and method not in ("human", "kmeans"):
                 continue
             run_args = argparse.Namespace(**{**vars(a), "methods": [method]})
             summary = run_regime(a.regime, run_args, extra=SETTINGS[g], tag=f"{method}/{g}")

@@ -1,4 +1,4 @@
-"""Tests for auxgen.experiments.baselines: human, random and k-means auxiliary labels."""
+"""Tests for auxgen.experiments.baselines: human, random, k-means and noisy auxiliary labels."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from auxgen.experiments.baselines import (
     check_aux_labels,
     human_aux_labels,
     kmeans_aux_labels,
+    noisy_aux_labels,
     random_aux_labels,
 )
 from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE, hierarchy_psi
@@ -100,6 +101,63 @@ def test_random_aux_labels_errors():
         random_aux_labels(y, [2, 0, 2])
     with pytest.raises(ValueError, match="num_classes is required"):
         random_aux_labels(y, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# noisy
+# --------------------------------------------------------------------------------------------
+
+
+def test_noisy_aux_labels_relabel_exactly_the_chosen_fraction():
+    psi = (3, 1, 5, 2)
+    y = torch.arange(4).repeat_interleave(250)
+    clean = torch.tensor(psi_offsets(psi))[y]  # every sample on its class's first child
+    assert torch.equal(noisy_aux_labels(clean, y, psi, 0.0, seed=3), clean)
+    for rate in (0.1, 0.5, 0.8):
+        aux = noisy_aux_labels(clean, y, psi, rate, seed=3)
+        check_aux_labels(aux, y, psi)
+        changed = aux != clean
+        # at most round(rate * N) relabelled; a redrawn label equals the old one with
+        # probability 1/psi[y], so the expected number changed is sum over the chosen of
+        # (1 - 1/psi[y]): within 5 standard deviations of a binomial count
+        keep = torch.tensor([1 - 1 / p for p in psi], dtype=torch.float64)[y]
+        expected = rate * float(keep.sum())
+        sd = (rate * float((keep * (1 - keep)).sum())) ** 0.5
+        assert int(changed.sum()) <= round(rate * y.numel())
+        assert abs(int(changed.sum()) - expected) < 5 * sd + 1
+        assert not changed[y == 1].any()  # a class with one child cannot change
+    assert torch.equal(noisy_aux_labels(clean, y, psi, 0.8, seed=3), aux)  # reproducible
+
+
+def test_noisy_aux_labels_at_rate_one_are_uniform_and_reproducible():
+    psi = (4, 2)
+    y = torch.arange(2).repeat_interleave(2000)
+    clean = torch.tensor(psi_offsets(psi))[y]
+    aux = noisy_aux_labels(clean, y, psi, 1.0, seed=0)
+    for i, p in enumerate(psi):
+        counts = torch.bincount(aux[y == i] - psi_offsets(psi)[i], minlength=p).double()
+        # each child's share within 5 binomial standard deviations of 1/p
+        sd = (2000 * (1 / p) * (1 - 1 / p)) ** 0.5
+        assert ((counts - 2000 / p).abs() < 5 * sd).all()
+    again = noisy_aux_labels(clean.numpy(), y.numpy(), list(psi), 1.0, seed=0)
+    assert torch.equal(again, aux)
+    assert not torch.equal(noisy_aux_labels(clean, y, psi, 1.0, seed=1), aux)
+    assert torch.equal(noisy_aux_labels(clean, y, 4, 0.3, seed=2, num_classes=2)[y == 1],
+                       noisy_aux_labels(clean, y, (4, 4), 0.3, seed=2)[y == 1])  # fmt: skip
+
+
+def test_noisy_aux_labels_errors():
+    y = torch.tensor([0, 0, 1])
+    aux = torch.tensor([0, 1, 2])
+    for bad in (-0.1, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match=r"rate must be a fraction in \[0, 1\], got"):
+            noisy_aux_labels(aux, y, [2, 2], bad)
+    with pytest.raises(ValueError, match="must be children of their primary class"):
+        noisy_aux_labels(torch.tensor([0, 2, 2]), y, [2, 2], 0.5)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        noisy_aux_labels(aux, y, [2, 2], 0.5, seed=0.5)
+    with pytest.raises(TypeError, match="aux must be a 1-D integer tensor"):
+        noisy_aux_labels(aux.float(), y, [2, 2], 0.5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
         (["--dataset", "digits", "--epochs", "0"], "positive integer"),
         (["--dataset", "digits", "--confidence-weight", "-1"], "confidence_weight must be"),
         (["--dataset", "digits", "--gen-optimizer", "lbfgs"], "invalid choice"),
+        (["--dataset", "digits", "--method", "human", "--aux-label-noise", "2"], "fraction in"),
+        (["--dataset", "digits", "--aux-label-noise", "0.5"], "got method 'maxl'"),
     ],
 )
 def test_bad_input_in_process(args: list[str], msg: str, tmp_path: Path, capsys) -> None:

@@ -123,6 +123,33 @@ def test_generator_optimizer_and_confidence_reach_the_labeler(optimizer, gen_opt
         dataclasses.replace(cfg, gen_optimizer="lbfgs").validate()
 
 
+def test_aux_label_noise_reaches_the_fixed_labels() -> None:
+    """``aux_label_noise`` replaces that fraction of the human labels by random children of
+    the same class (seeded by ``seed``); it is refused for methods without fixed labels."""
+    cfg = dataclasses.replace(TINY, method="human", train_subset=30)
+    clean = _build(cfg.validate(), torch.device("cpu")).fixed
+    noisy_run = _build(
+        dataclasses.replace(cfg, aux_label_noise=0.6).validate(), torch.device("cpu")
+    )
+    noisy, y = noisy_run.fixed, noisy_run.data.y_train
+    n = y.numel()
+    assert torch.equal(clean, noisy_run.data.fine_train)  # digits: the human label is the digit
+    changed = int((noisy != clean).sum())
+    # round(0.6 n) redrawn among 5 children each: about 4/5 of them change
+    assert 0.6 * n * 0.8 - 4 * (0.6 * n * 0.16) ** 0.5 < changed <= round(0.6 * n)
+    assert torch.equal(y, noisy // 5)  # still children of the primary class (digit >= 5)
+    other = _build(dataclasses.replace(cfg, aux_label_noise=0.6, seed=1).validate(),
+                   torch.device("cpu")).fixed  # fmt: skip
+    assert not torch.equal(other, noisy)
+    for bad, msg in (
+        (dict(aux_label_noise=1.2), r"aux_label_noise must be a fraction in \[0, 1\], got 1.2"),
+        (dict(method="maxl", aux_label_noise=0.5), "applies to the fixed labels of methods"),
+        (dict(method="random", aux_label_noise=0.5), "got method 'random'"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            dataclasses.replace(cfg, **bad).validate()
+
+
 def test_smoke_and_subset() -> None:
     cfg = RunConfig(dataset="digits", epochs=50, smoke=True)
     eff = cfg.effective()

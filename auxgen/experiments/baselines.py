@@ -9,6 +9,8 @@ children of ``y``, i.e. in ``offsets[y] .. offsets[y] + psi[y] - 1`` with
   their superclass, see :func:`auxgen.data.hierarchy_psi`).
 * :func:`random_aux_labels`: one uniformly random child per sample, drawn once.
 * :func:`kmeans_aux_labels`: k-means clusters of each primary class's samples.
+* :func:`noisy_aux_labels`: any of these with a fraction replaced by random children (how
+  informative must auxiliary labels be to help?).
 
 :func:`check_aux_labels` validates any labels against ``y`` and ``psi``.
 """
@@ -29,6 +31,7 @@ __all__ = [
     "human_aux_labels",
     "random_aux_labels",
     "kmeans_aux_labels",
+    "noisy_aux_labels",
     "check_aux_labels",
 ]
 
@@ -208,6 +211,67 @@ def random_aux_labels(
     pick = torch.minimum((u * n_children).long(), n_children - 1)
     aux = offsets + pick
     return aux.to(y.device) if isinstance(y, Tensor) else aux
+
+
+def noisy_aux_labels(
+    aux: Any,
+    y: Any,
+    psi: PsiLike,
+    rate: float,
+    seed: int = 0,
+    *,
+    num_classes: Optional[int] = None,
+) -> Tensor:
+    """Auxiliary labels with a fraction ``rate`` of them replaced by random children.
+
+    ``round(rate * N)`` samples, chosen uniformly without replacement, get a fresh label
+    drawn uniformly among the ``psi[y]`` children of their primary class (it may equal the
+    old one, so about ``rate * (1 - 1 / psi[y])`` of the labels change). The others keep
+    theirs. ``rate=0`` returns the labels unchanged and ``rate=1`` gives labels distributed
+    as :func:`random_aux_labels`. Interpolating between the human labels and random ones
+    measures how much information about the images an auxiliary task must carry to help.
+
+    Args:
+        aux: ``(N,)`` integer auxiliary labels, children of ``y`` (checked).
+        y: ``(N,)`` integer primary labels in ``[0, len(psi))``.
+        psi: auxiliary classes per primary class; a single int needs ``num_classes``.
+        rate: fraction of the samples to relabel, in ``[0, 1]``.
+        seed: random seed of the choice of samples and of their new labels.
+        num_classes: number of primary classes, needed only when ``psi`` is a single int.
+
+    Returns:
+        ``(N,)`` int64 auxiliary labels, on the device of ``aux`` when it is a tensor.
+
+    Raises:
+        TypeError: if ``aux`` or ``y`` is not an integer label tensor, or ``seed`` is not
+            an int.
+        ValueError: if ``rate`` is not in ``[0, 1]`` or the labels are not children of
+            ``y``.
+
+    Example:
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> aux = torch.tensor([0, 1, 2, 3])
+        >>> noisy_aux_labels(aux, y, [2, 2], rate=0.0).tolist()
+        [0, 1, 2, 3]
+        >>> int((noisy_aux_labels(aux, y, [2, 2], rate=0.5, seed=1) != aux).sum()) <= 2
+        True
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be a fraction in [0, 1], got {_describe(rate)}")
+    seed = _check_seed(seed)
+    check_aux_labels(aux, y, psi, num_classes)
+    aux_t = _as_labels("aux", aux).clone()
+    y_t, psi_t = _primary_and_psi(y, psi, num_classes)
+    n = y_t.numel()
+    k = round(rate * n)
+    if k:
+        gen = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(n, generator=gen)[:k]
+        fresh = random_aux_labels(
+            y_t[chosen], psi_t, seed=int(torch.randint(2**31, (1,), generator=gen))
+        )
+        aux_t[chosen] = fresh
+    return aux_t.to(aux.device) if isinstance(aux, Tensor) else aux_t
 
 
 def _as_features(features: Any, n: int) -> np.ndarray:

@@ -109,6 +109,10 @@ class RunConfig:
             split (``maxl`` with ``meta_source="heldout"`` only: that run trains on fewer
             images than the other methods, the price of its held-out meta loss).
         aux_weight: weight of the auxiliary loss (ignored by ``single``, which uses 0).
+        aux_label_noise: ``human`` and ``kmeans`` only: the fraction of training images
+            whose fixed auxiliary label is replaced by a random child of their primary
+            class (:func:`~auxgen.experiments.baselines.noisy_aux_labels`, seeded by
+            ``seed``); ``0`` keeps the labels, ``1`` makes them random labels.
         entropy_weight: weight of MAXL's anti-collapse entropy term.
         confidence_weight: weight of the mean per-image label entropy in the generator's
             objective (``0``: the paper's; see ``AuxiliaryLabeler``).
@@ -170,6 +174,7 @@ class RunConfig:
     meta_source: str = "train"
     meta_fraction: float = 0.1
     aux_weight: float = 1.0
+    aux_label_noise: float = 0.0
     entropy_weight: float = 0.2
     confidence_weight: float = 0.0
     label_temperature: float = 1.0
@@ -235,6 +240,14 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi:
                 raise ValueError(f"{name} must be a fraction in [0, {hi}], got {v!r}")
+        v = self.aux_label_noise
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"aux_label_noise must be a fraction in [0, 1], got {v!r}")
+        if v and self.method not in ("human", "kmeans"):
+            raise ValueError(
+                "aux_label_noise applies to the fixed labels of methods 'human' and 'kmeans', "
+                f"got method {self.method!r} with aux_label_noise={v!r}"
+            )
         if self.meta_source == "heldout" and self.meta_fraction <= 0:
             raise ValueError("meta_source='heldout' needs meta_fraction > 0, got 0")
         for name in (

@@ -40,7 +40,17 @@ logger = logging.getLogger(__name__)
 
 
 def _fixed_aux_labels(cfg: RunConfig, data: Data) -> Optional[Tensor]:
-    """The fixed auxiliary labels of the human / random / k-means baselines (else ``None``)."""
+    """The fixed auxiliary labels of the human / random / k-means baselines (else ``None``),
+    with ``cfg.aux_label_noise`` of them replaced by random children."""
+    from . import baselines as B
+
+    aux = _clean_aux_labels(cfg, data)
+    if aux is not None and cfg.aux_label_noise:
+        aux = B.noisy_aux_labels(aux, data.y_train, data.psi, cfg.aux_label_noise, seed=cfg.seed)
+    return aux
+
+
+def _clean_aux_labels(cfg: RunConfig, data: Data) -> Optional[Tensor]:
     from . import baselines as B
 
     if cfg.method == "human":
