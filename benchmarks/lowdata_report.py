@@ -7,7 +7,9 @@ training accuracy, the normalised mutual information between the auxiliary class
 fine classes on the training images, and the wall time per run. Writes one figure with a panel
 per regime: each method's paired test difference to single-task, every seed as a dot. The
 ``tune_<regime>.json`` records of ``lowdata_tune.py`` get a table of every setting tried,
-with the pick on validation accuracy marked.
+with the pick on validation accuracy marked; ``--nmi-plot REGIME PNG`` plots, for one tuning
+record, each setting's test gain over single-task against its labels' NMI with the fine
+classes.
 
 Usage::
 
@@ -152,6 +154,90 @@ def tune_deltas(record: dict) -> dict[str, list[float]]:
     return out
 
 
+def nmi_points(record: dict) -> list[dict]:
+    """Per setting with auxiliary labels: the labels' NMI with the fine classes (mean over
+    seeds) against the paired test difference to single-task (mean and std over seeds).
+
+    Rows without a recorded NMI (single-task, older records) are left out.
+    """
+    deltas = tune_deltas(record)
+    out = []
+    for r in sorted(record["rows"], key=lambda r: r["method"]):
+        nmi = [v for v in r.get("aux_nmi_train") or [] if v is not None]
+        d = deltas.get(f"{r['method']} / {r['setting']}")
+        if nmi and d:
+            out.append(
+                {"method": r["method"], "setting": r["setting"], "nmi": statistics.fmean(nmi),
+                 "delta": 100 * statistics.fmean(d),
+                 "delta_std": 100 * statistics.stdev(d) if len(d) > 1 else 0.0, "seeds": len(d)}
+            )  # fmt: skip
+    return out
+
+
+def _noise_rate(point: dict) -> float | None:
+    """The fraction of random labels of a point on the human-to-random line (else None)."""
+    if point["method"] == "random" and point["setting"] == "default":
+        return 1.0
+    if point["method"] == "human":
+        if point["setting"] == "default":
+            return 0.0
+        if point["setting"].startswith("noise"):
+            return float(point["setting"][len("noise") :])
+    return None
+
+
+def nmi_plot(record: dict, path: Path) -> None:
+    """Test gain over single-task against how much the labels say about the fine classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = nmi_points(record)
+    line = sorted((q for q in pts if _noise_rate(q) is not None), key=_noise_rate)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if line:
+        ax.errorbar(
+            [q["nmi"] for q in line],
+            [q["delta"] for q in line],
+            yerr=[q["delta_std"] for q in line],
+            color="tab:green",
+            marker="o",
+            capsize=3,
+            label="human labels, a fraction replaced by random children",
+        )
+        for q in line:
+            ax.annotate(
+                f"{_noise_rate(q):g}",
+                (q["nmi"], q["delta"]),
+                fontsize=7,
+                xytext=(4, -10),
+                textcoords="offset points",
+                color="tab:green",
+            )
+    others = [q for q in pts if _noise_rate(q) is None]
+    colours = {"kmeans": "tab:purple"}
+    for q in others:
+        c = colours.get(q["method"], "tab:blue")
+        ax.errorbar(q["nmi"], q["delta"], yerr=q["delta_std"], color=c, marker="s", capsize=3)
+        ax.annotate(
+            f"{q['method']} {q['setting']}".replace(" default", ""),
+            (q["nmi"], q["delta"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("NMI of the auxiliary labels with the fine classes (training images)")
+    ax.set_ylabel("test accuracy − single-task (points, paired)")
+    ax.set_title(f"{record['regime']}: mean ± std over seeds", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="docs/results")
@@ -159,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write the figure here (PNG)")
     p.add_argument(
         "--tune-plot", default=None, help="figure of the tuning records' paired differences"
+    )
+    p.add_argument(
+        "--nmi-plot",
+        nargs=2,
+        metavar=("REGIME", "PNG"),
+        default=None,
+        help="figure of REGIME's tuning record: test gain against the labels' NMI",
     )
     a = p.parse_args(argv)
     files = sorted(f for f in Path(a.results).glob("*.json") if not f.name.startswith("tune_"))
@@ -182,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             if d := tune_deltas(record):
                 tunes[f"{record['regime']} (settings)"] = d
         plot(tunes, Path(a.tune_plot))
+    if a.nmi_plot:
+        regime, png = a.nmi_plot
+        nmi_plot(json.loads((Path(a.results) / f"tune_{regime}.json").read_text()), Path(png))
     return 0
 
 

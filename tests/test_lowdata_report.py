@@ -1,4 +1,5 @@
-"""``benchmarks/lowdata_report.py``: the tuning table's paired differences to single-task."""
+"""``benchmarks/lowdata_report.py``: the tuning table's paired differences to single-task and
+the gain-against-NMI points."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from lowdata_report import tune_deltas, tune_table  # noqa: E402
+from lowdata_report import _noise_rate, nmi_plot, nmi_points, tune_deltas, tune_table  # noqa: E402
 
 
 def _row(method: str, setting: str, seeds: list[int], val: list[float], test: list[float]):
@@ -62,3 +63,32 @@ def test_tune_deltas_pair_by_seed() -> None:
     ((key, d),) = tune_deltas(record).items()
     assert key == "maxl-copy / mi1" and d == pytest.approx([0.03, 0.0])
     assert tune_deltas({"rows": [record["rows"][0]]}) == {}
+
+
+def test_nmi_points_pair_by_seed_and_skip_rows_without_labels(tmp_path: Path) -> None:
+    record = {
+        "regime": "toy",
+        "rows": [
+            _row("single", "default", [0, 1], [0.5, 0.5], [0.40, 0.42]),
+            {**_row("human", "noise0.5", [1, 0], [0.5] * 2, [0.45, 0.42]),
+             "aux_nmi_train": [0.7, 0.9]},
+            {**_row("human", "default", [0, 1], [0.5] * 2, [0.44, 0.44]),
+             "aux_nmi_train": [1.0, 1.0]},
+            {**_row("random", "default", [0], [0.5], [0.39]), "aux_nmi_train": [0.5]},
+            {**_row("maxl-copy", "default", [0, 1], [0.5] * 2, [0.40, 0.42]),
+             "aux_nmi_train": [None, None]},  # no NMI recorded: left out
+            _row("kmeans", "default", [0, 1], [0.5] * 2, [0.40, 0.42]),  # older record
+        ],
+        "picks": {},
+    }  # fmt: skip
+    pts = {(q["method"], q["setting"]): q for q in nmi_points(record)}
+    assert set(pts) == {("human", "noise0.5"), ("human", "default"), ("random", "default")}
+    noisy = pts[("human", "noise0.5")]
+    # seed 1: +3 points, seed 0: +2 points
+    assert noisy["nmi"] == pytest.approx(0.8) and noisy["delta"] == pytest.approx(2.5)
+    assert noisy["delta_std"] == pytest.approx(0.7071, abs=1e-4) and noisy["seeds"] == 2
+    assert pts[("random", "default")]["delta_std"] == 0.0
+    rates = sorted((_noise_rate(q), q["setting"]) for q in pts.values())
+    assert rates == [(0.0, "default"), (0.5, "noise0.5"), (1.0, "default")]
+    nmi_plot(record, tmp_path / "nmi.png")
+    assert (tmp_path / "nmi.png").read_bytes()[:4] == b"\x89PNG"
