@@ -51,6 +51,11 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
         ["--dataset", "cifar100", "--primary-level", "3", "--epochs", "20"],
         ["single", "human"],
     ),
+    # The paper's budget (200 epochs): ten times the generator updates of cifar3_5.
+    "cifar3_5_long": (
+        ["--dataset", "cifar100", "--primary-level", "3", "--epochs", "200"],
+        ["single", "human", "random", "maxl-copy"],
+    ),
     "cifar10_5": (
         ["--dataset", "cifar100", "--primary-level", "10", "--epochs", "20"],
         ["single", "human"],

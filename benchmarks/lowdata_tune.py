@@ -111,10 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
 
     path = Path(a.summary_dir) / f"tune_{a.regime}.json"
+    command = (
+        f"python benchmarks/lowdata_tune.py --regime {a.regime} --methods {' '.join(a.methods)} "
+        f"--grid {' '.join(a.grid)} --seeds {' '.join(map(str, a.seeds))}"
+    )
+    commands = [command]
     if path.exists():  # several invocations on one regime accumulate; new rows replace old
         new = {(r["method"], r["setting"]) for r in rows}
-        old = json.loads(path.read_text())["rows"]
+        previous = json.loads(path.read_text())
+        old = previous["rows"]
         rows = [r for r in old if (r["method"], r["setting"]) not in new] + rows
+        commands = previous.get("commands", [previous["command"]]) + commands
     picks = {
         m: max((r for r in rows if r["method"] == m), key=lambda r: r["val_mean"])["setting"]
         for m in dict.fromkeys(r["method"] for r in rows)
@@ -122,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "regime": a.regime,
         "base_args": REGIMES[a.regime][0],
-        "command": "python benchmarks/lowdata_tune.py --regime "
-        f"{a.regime} --methods {' '.join(a.methods)} --grid {' '.join(a.grid)}",
+        "command": command,
+        "commands": commands,  # every invocation that wrote rows into this record, in order
         "selection": "highest mean validation accuracy over seeds",
         "rows": rows,
         "picks": picks,

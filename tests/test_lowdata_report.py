@@ -3,6 +3,7 @@ the gain-against-NMI points."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +93,34 @@ def test_nmi_points_pair_by_seed_and_skip_rows_without_labels(tmp_path: Path) ->
     assert rates == [(0.0, "default"), (0.5, "noise0.5"), (1.0, "default")]
     nmi_plot(record, tmp_path / "nmi.png")
     assert (tmp_path / "nmi.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_records_accumulate_rows_and_commands(tmp_path: Path, monkeypatch) -> None:
+    """``lowdata_tune.py`` invocations on one regime add rows (a setting run again replaces
+    its row), keep every command, and skip settings that do not apply to a method."""
+    import lowdata_tune
+
+    calls = []
+
+    def fake_run_regime(name, a, *, extra, tag):
+        calls.append(tag)
+        acc = 0.5 + 0.01 * len(calls)
+        run = {"history": [{"train_aux_loss": 1.0}], "aux": {"aux_nmi_train": 0.6}}
+        return {"summary": [{"seeds": a.seeds, "val_accuracies": [acc] * len(a.seeds),
+                             "accuracies": [acc] * len(a.seeds), "wall_time_mean_s": 1.0}],
+                "runs": [run] * len(a.seeds)}  # fmt: skip
+
+    monkeypatch.setattr(lowdata_tune, "run_regime", fake_run_regime)
+    base = ["--data-dir", "d", "--regime", "cifar3_5", "--summary-dir", str(tmp_path)]
+    lowdata_tune.main([*base, "--methods", "human", "maxl-copy", "--grid", "default", "mi1",
+                       "noise0.5", "--seeds", "0", "1"])  # fmt: skip
+    # mi1 is a generator setting, noise0.5 a fixed-label one
+    assert calls == ["human/default", "human/noise0.5", "maxl-copy/default", "maxl-copy/mi1"]
+    lowdata_tune.main([*base, "--methods", "human", "--grid", "default", "--seeds", "0"])
+    record = json.loads((tmp_path / "tune_cifar3_5.json").read_text())
+    keys = [(r["method"], r["setting"], r["seeds"]) for r in record["rows"]]
+    assert keys == [("human", "noise0.5", [0, 1]), ("maxl-copy", "default", [0, 1]),
+                    ("maxl-copy", "mi1", [0, 1]), ("human", "default", [0])]  # fmt: skip
+    assert record["picks"] == {"human": "default", "maxl-copy": "mi1"}
+    assert len(record["commands"]) == 2 and record["command"] == record["commands"][-1]
+    assert record["commands"][0].endswith("--grid default mi1 noise0.5 --seeds 0 1")
