@@ -215,17 +215,21 @@ def nmi_plot(record: dict, path: Path) -> None:
                 textcoords="offset points",
                 color="tab:green",
             )
-    others = [q for q in pts if _noise_rate(q) is None]
+    # the generated and k-means labels sit close together: labels fan out to the right
+    others = sorted((q for q in pts if _noise_rate(q) is None), key=lambda q: -q["delta"])
     colours = {"kmeans": "tab:purple"}
-    for q in others:
+    for i, q in enumerate(others):
         c = colours.get(q["method"], "tab:blue")
         ax.errorbar(q["nmi"], q["delta"], yerr=q["delta_std"], color=c, marker="s", capsize=3)
         ax.annotate(
             f"{q['method']} {q['setting']}".replace(" default", ""),
             (q["nmi"], q["delta"]),
+            xytext=(max(o["nmi"] for o in others) + 0.1, -0.2 - 0.4 * i),
+            textcoords="data",
             fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
+            color=c,
+            va="center",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"},
         )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("NMI of the auxiliary labels with the fine classes (training images)")
