@@ -236,17 +236,14 @@ class RunConfig:
                 f"train_subset must be a positive int (images per fine class) or a fraction "
                 f"in (0, 1), got {ts!r}"
             )
-        for name, hi in (("val_fraction", 0.9), ("meta_fraction", 0.9)):
+        for name, hi in (("val_fraction", 0.9), ("meta_fraction", 0.9), ("aux_label_noise", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi:
                 raise ValueError(f"{name} must be a fraction in [0, {hi}], got {v!r}")
-        v = self.aux_label_noise
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"aux_label_noise must be a fraction in [0, 1], got {v!r}")
-        if v and self.method not in ("human", "kmeans"):
+        if self.aux_label_noise and self.method not in ("human", "kmeans"):
             raise ValueError(
                 "aux_label_noise applies to the fixed labels of methods 'human' and 'kmeans', "
-                f"got method {self.method!r} with aux_label_noise={v!r}"
+                f"got method {self.method!r} with aux_label_noise={self.aux_label_noise!r}"
             )
         if self.meta_source == "heldout" and self.meta_fraction <= 0:
             raise ValueError("meta_source='heldout' needs meta_fraction > 0, got 0")
