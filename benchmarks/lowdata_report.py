@@ -218,13 +218,14 @@ def nmi_plot(record: dict, path: Path) -> None:
     # the generated and k-means labels sit close together: labels fan out to the right
     others = sorted((q for q in pts if _noise_rate(q) is None), key=lambda q: -q["delta"])
     colours = {"kmeans": "tab:purple"}
+    label_x = max((o["nmi"] for o in others), default=0.0) + 0.1
     for i, q in enumerate(others):
         c = colours.get(q["method"], "tab:blue")
         ax.errorbar(q["nmi"], q["delta"], yerr=q["delta_std"], color=c, marker="s", capsize=3)
         ax.annotate(
             f"{q['method']} {q['setting']}".replace(" default", ""),
             (q["nmi"], q["delta"]),
-            xytext=(max(o["nmi"] for o in others) + 0.1, -0.2 - 0.4 * i),
+            xytext=(label_x, -0.2 - 0.4 * i),
             textcoords="data",
             fontsize=7,
             color=c,

@@ -62,7 +62,7 @@ _MAXL_ONLY = {
 }
 
 #: settings that only mean something for methods with fixed labels (human, k-means)
-_FIXED_ONLY = {"noise0.25", "noise0.5", "noise0.75"}
+_FIXED_ONLY = {g for g, args in SETTINGS.items() if "--aux-label-noise" in args}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
