@@ -441,7 +441,9 @@ def plot(summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(summary), figsize=(5 * len(summary), 3.6), squeeze=False, sharey=True
+    )
     for ax, (method, m) in zip(axes[0], summary.items()):
         ep = [r["epoch"] for r in m["probes"]]
         for s in SOURCES:
