@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 SOURCES = ("same", "next", "val")
 FORK_LABELS = ("human", "uniform", "random")
@@ -210,7 +211,8 @@ def regime_config(regime: str, method: str, seed: int, data_dir: str) -> Any:
     )
 
 
-def _current_labels(run: Any, x: Tensor, y: Tensor, idx: Tensor, fine_aux: Tensor) -> Tensor:
+def _current_labels(run: Any, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+    """The run's labels of the batch: one-hot fixed labels, or the generator's soft ones."""
     if run.fixed is not None:
         return F.one_hot(run.fixed[idx], run.labeler.num_aux).double()
     return run.labeler.generate_labels(x, y).double()
@@ -232,7 +234,7 @@ def probe(run: Any, cfg: Any, epoch: int, fine_aux: Tensor, seed: int) -> dict[s
     }
     meta_losses: dict[str, list[float]] = {s: [] for s in SOURCES}
     for i, (x, y, idx) in enumerate(batches):
-        t = _current_labels(run, x, y, idx, fine_aux)
+        t = _current_labels(run, x, y, idx)
         nx, ny, _ = batches[(i + 1) % len(batches)]
         metas = {"same": (x, y), "next": (nx, ny), "val": (x_val, data.y_val)}
         for s in SOURCES:
@@ -499,7 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for m in a.methods
     ]
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
-        records = list(pool.map(_unit_job, units))
+        records = list(tqdm(pool.map(_unit_job, units), total=len(units), desc="runs"))
     summary = summarize(records)
     print(signal_table(summary))
     print()
