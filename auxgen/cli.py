@@ -24,10 +24,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Union
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Union
 
 from .checkpoint import CheckpointWriteError
 from .labeler import NonFiniteError
+
+if TYPE_CHECKING:
+    from .experiments.config import RunConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -375,22 +378,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The shared :class:`RunConfig` of parsed ``auxgen run`` arguments.
+
+    Every option named after a ``RunConfig`` field is that field; ``--psi`` with one value
+    is that int, and ``--data-dir`` defaults to ``data``. ``--methods`` and ``--seeds`` are
+    applied per run (see :meth:`RunConfig.with_method`).
+
+    Example:
+        >>> args = build_parser().parse_args(["run", "--dataset", "cifar100", "--psi", "5"])
+        >>> run_config(args).psi, run_config(args).data_dir
+        (5, 'data')
+    """
+    from .experiments.config import RunConfig
+
+    psi = None if args.psi is None else (args.psi[0] if len(args.psi) == 1 else tuple(args.psi))
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    options.update(psi=psi, data_dir=args.data_dir if args.data_dir is not None else "data")
+    return RunConfig(**options)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .experiments.config import RunConfig, check_config, parse_variant
+    from .experiments.config import check_config, parse_variant
     from .experiments.models import check_backbone
     from .experiments.sweep import run_sweep
 
     check_backbone(args.backbone)
-    data_dir = args.data_dir
+    base = run_config(args)
     if args.dataset != "digits":
-        data_dir = data_dir if data_dir is not None else "data"
-        _check_data_dir(data_dir, args.download)
-    psi = None if args.psi is None else (args.psi[0] if len(args.psi) == 1 else tuple(args.psi))
-    # Every option named after a RunConfig field is that field.
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    options = {k: v for k, v in vars(args).items() if k in fields}
-    options.update(psi=psi, data_dir=data_dir if data_dir is not None else "data")
-    base = RunConfig(**options)
+        _check_data_dir(base.data_dir, args.download)
     for m in args.methods:
         check_config(dataclasses.replace(base, method=parse_variant(m)[0]))
     out = args.out if args.out is not None else f"runs/{args.dataset}"

@@ -190,25 +190,13 @@ def regime_config(regime: str, method: str, seed: int, data_dir: str) -> Any:
     """The ``RunConfig`` that ``lowdata.py`` runs for ``regime``, ``method`` and ``seed``."""
     from lowdata import COMMON, REGIMES
 
-    from auxgen.cli import build_parser
-    from auxgen.experiments.config import RunConfig, parse_variant
+    from auxgen.cli import build_parser, run_config
 
     args = build_parser().parse_args(
         ["run", *COMMON, *REGIMES[regime][0], "--data-dir", data_dir, "--methods", method]
     )
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    options = {k: v for k, v in vars(args).items() if k in fields}
-    m, gen, src = parse_variant(method)
-    base = RunConfig(**options)
-    return dataclasses.replace(
-        base,
-        method=m,
-        generator=gen or base.generator,
-        meta_source=src or base.meta_source,
-        seed=seed,
-        out_dir=None,
-        checkpoint=False,
-    )
+    cfg = run_config(args).with_method(method)
+    return dataclasses.replace(cfg, seed=seed, out_dir=None, checkpoint=False)
 
 
 def _current_labels(run: Any, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:

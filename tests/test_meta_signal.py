@@ -200,3 +200,5 @@ def test_regime_config_is_what_lowdata_runs() -> None:
     assert cfg.data_dir == "somewhere" and cfg.out_dir is None and not cfg.checkpoint
     human = regime_config("mnist5", "human", 0, "d")
     assert (human.dataset, human.method, human.backbone) == ("mnist", "human", "mlp")
+    # `--psi 5` is the int 5, as `auxgen run` passes it, not the list [5]
+    assert regime_config("cifar100fine5", "maxl-copy", 0, "d").psi == 5

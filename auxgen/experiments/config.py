@@ -206,6 +206,24 @@ class RunConfig:
         src = "" if self.meta_source == "train" else f"-{self.meta_source}"
         return f"maxl-{self.generator}{src}"
 
+    def with_method(self, spec: str) -> RunConfig:
+        """This config with the method of a method name (:func:`parse_variant`): the generator
+        and meta source it names replace this config's, the others are kept.
+
+        Example:
+            >>> RunConfig(generator="head").with_method("maxl-copy-next").label
+            'maxl-copy-next'
+            >>> RunConfig(generator="head").with_method("maxl").label
+            'maxl-head'
+        """
+        method, gen, src = parse_variant(spec)
+        return dataclasses.replace(
+            self,
+            method=method,
+            generator=gen or self.generator,
+            meta_source=src or self.meta_source,
+        )
+
     def validate(self) -> RunConfig:
         """Check the fields' values (not the data); return ``self``.
 

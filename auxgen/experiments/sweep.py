@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .checkpoints import RESULTS_NAME
-from .config import METHODS, RunConfig, check_config, parse_variant
+from .config import METHODS, RunConfig, check_config
 from .datasets import load_data
 from .models import check_backbone
 from .runtime import PathLike, is_main_process, write_json
@@ -169,29 +169,24 @@ def run_sweep(
     Returns:
         ``{"summary": rows, "runs": [results, ...], "config": base, "methods", "seeds"}``.
     """
-    parsed = [parse_variant(m) for m in methods]
-    if not parsed:
+    variants = [base.with_method(m) for m in methods]
+    if not variants:
         raise ValueError("give at least one method")
     if not seeds:
         raise ValueError("give at least one seed")
-    variants = [
-        dict(method=m, generator=g or base.generator, meta_source=src or base.meta_source)
-        for m, g, src in parsed
-    ]
-    labels = [dataclasses.replace(base, **v).label for v in variants]
+    labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods repeat: {labels}")
     out = Path(out_dir) if out_dir is not None else None
     # Fail fast on a bad backbone, levels or psi before any training.
     check_backbone(base.backbone)
     for v in variants:
-        check_config(dataclasses.replace(base, **v))
+        check_config(v)
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         for v, label in zip(variants, labels):
             cfg = dataclasses.replace(
-                base,
-                **v,
+                v,
                 seed=int(seed),
                 out_dir=str(out / label / f"seed{seed}") if out is not None else None,
             )
