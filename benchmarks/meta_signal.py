@@ -86,12 +86,11 @@ def label_gradient(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d L_p(theta+(t); meta_x, meta_y) / d t, L_p(theta+), aux logits)`` by double backward.
 
-    The auxiliary logits are those of ``x`` at the current parameters (detached).
-
     ``theta+`` is one step of ``optimizer`` (``torch.optim.SGD``: learning rate, momentum
     buffer, weight decay; no dampening or Nesterov) on the multi-task loss of ``(x, y)``
-    with soft auxiliary labels ``t``. Computed here without the library's meta machinery
-    (an independent check of it: see ``tests/test_meta_signal.py``). Parameters, buffers and
+    with soft auxiliary labels ``t``; the auxiliary logits are those of ``x`` at the current
+    parameters (detached). Computed here without the library's meta machinery (an
+    independent check of it: see ``tests/test_meta_signal.py``). Parameters, buffers and
     the optimiser's state are left as they were.
 
     Raises:
@@ -138,6 +137,12 @@ def label_gradient(
     return g_t, meta.detach(), z_a.detach()
 
 
+def uniform_labels(owner: Tensor, y: Tensor) -> Tensor:
+    """Soft labels ``(N, sum(psi))`` uniform over the children of each sample's class."""
+    mask = (owner[None, :] == y[:, None]).float()
+    return mask / mask.sum(1, keepdim=True)
+
+
 def signal_stats(
     g: Tensor,
     y: Tensor,
@@ -164,7 +169,7 @@ def signal_stats(
             "agree_head": float((favoured == head).sum()),
             "head_fine": float((head == fine_aux).sum()),
         }
-    centre = mask.to(g.dtype) / psi
+    centre = uniform_labels(owner, y).to(g.dtype)
     gc = (g - (g * mask).sum(1, keepdim=True) / psi) * mask  # tangent part of g
     human = F.one_hot(fine_aux, owner.numel()).to(g.dtype) - centre
     # a uniformly random child of each image's primary class
@@ -274,11 +279,7 @@ def fork(run: Any, cfg: Any, epoch: int, fine_aux: Tensor, steps: Sequence[int])
         while done < max(steps):
             for x, y, idx, _ in epoch_batches(data, cfg, e, torch.device("cpu")):
                 lab.train()
-                if kind == "uniform":
-                    mask = (owner[None, :] == y[:, None]).float()
-                    t = mask / mask.sum(1, keepdim=True)
-                else:
-                    t = fixed[kind][idx]
+                t = uniform_labels(owner, y) if kind == "uniform" else fixed[kind][idx]
                 lab.step(x, y, opt, None, aux_target=t)
                 if sched is not None:
                     with warnings.catch_warnings():  # the copied scheduler lost its step hook
@@ -341,11 +342,11 @@ def run_unit(
 
 def _unit_job(args: tuple) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    work, *rest = args
-    path = Path(work) / f"{rest[1]}_seed{rest[2]}.json"
+    work, regime, method, seed, *options = args
+    path = Path(work) / f"{method}_seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    record = run_unit(*rest)
+    record = run_unit(regime, method, seed, *options)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
