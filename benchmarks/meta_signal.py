@@ -137,9 +137,9 @@ def label_gradient(
     return g_t, meta.detach(), z_a.detach()
 
 
-def uniform_labels(owner: Tensor, y: Tensor) -> Tensor:
+def uniform_labels(owner: Tensor, y: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Soft labels ``(N, sum(psi))`` uniform over the children of each sample's class."""
-    mask = (owner[None, :] == y[:, None]).float()
+    mask = (owner[None, :] == y[:, None]).to(dtype)
     return mask / mask.sum(1, keepdim=True)
 
 
@@ -169,7 +169,7 @@ def signal_stats(
             "agree_head": float((favoured == head).sum()),
             "head_fine": float((head == fine_aux).sum()),
         }
-    centre = uniform_labels(owner, y).to(g.dtype)
+    centre = uniform_labels(owner, y, g.dtype)
     gc = (g - (g * mask).sum(1, keepdim=True) / psi) * mask  # tangent part of g
     human = F.one_hot(fine_aux, owner.numel()).to(g.dtype) - centre
     # a uniformly random child of each image's primary class
