@@ -1,0 +1,66 @@
+"""Checkpoints written before ``AuxiliaryLabeler`` composed auxiliary tasks still load and
+continue exactly as the code that wrote them did (fixtures: ``tests/data/make_v0_fixtures.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TinyConvNet
+
+from auxgen import AuxiliaryLabeler
+from auxgen.experiments.checkpoints import CHECKPOINT_NAME
+from auxgen.experiments.config import RunConfig
+from auxgen.experiments.training import train
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("generator", ["head", "copy"])
+def test_labeler_checkpoint_of_the_previous_layout_continues_identically(generator: str) -> None:
+    saved = torch.load(DATA / f"labeler_v0_{generator}.ckpt", weights_only=True)
+    torch.manual_seed(123)  # a different initialisation: everything must come from the file
+    lab = AuxiliaryLabeler(
+        TinyConvNet(num_classes=3), psi=[2, 3, 1], generator=generator, entropy_weight=0.3
+    )
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1, momentum=0.9)
+    gen_opt = torch.optim.Adam(lab.generator_parameters(), lr=1e-2)
+    lab.load_state_dict(saved["labeler"])
+    opt.load_state_dict(saved["optimizer"])
+    gen_opt.load_state_dict(saved["gen_optimizer"])
+    out = lab.step(saved["x"][2], saved["y"], opt, gen_opt)
+    after = saved["after"]
+    torch.testing.assert_close(out["loss"], after["loss"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out["meta_loss"], after["meta_loss"], rtol=1e-6, atol=1e-7)
+    lab.eval()
+    torch.testing.assert_close(lab.generate_labels(saved["x"][0], saved["y"]), after["labels"])
+    old_to_new = {k: v for k, v in lab.state_dict().items() if torch.is_tensor(v)}
+    assert len(old_to_new) == len(after["state"])
+    for (name, old), new in zip(sorted(after["state"].items()), _by_old_names(lab)):
+        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _by_old_names(lab: AuxiliaryLabeler) -> list[torch.Tensor]:
+    """The labeler's tensors in the sorted order of the previous layout's names."""
+    state = {k: v for k, v in lab.state_dict().items() if torch.is_tensor(v)}
+    return [state[k] for k in sorted(state)]
+
+
+def test_run_checkpoint_of_the_previous_layout_resumes_to_the_same_result(tmp_path: Path) -> None:
+    shutil.copy(DATA / "run_v0_epoch2.ckpt", tmp_path / CHECKPOINT_NAME)
+    expected = json.loads((DATA / "run_v0_results.json").read_text())
+    cfg = RunConfig(
+        dataset="digits", method="maxl", backbone="mlp", epochs=3, train_subset=20, width=16,
+        lr=0.1, progress=False, threads=1, deterministic=True, out_dir=str(tmp_path), seed=0,
+        resume=True,
+    )  # fmt: skip
+    res = train(cfg)
+    assert res["resumed_from_epoch"] == 2
+    assert res["final_test_accuracy"] == expected["final_test_accuracy"]
+    assert res["final_test_loss"] == pytest.approx(expected["final_test_loss"], rel=1e-9)
+    for key in ("train_loss", "train_aux_loss", "test_accuracy", "meta_updates"):
+        assert res["history"][2][key] == pytest.approx(expected["history"][2][key], rel=1e-9), key
