@@ -1,13 +1,18 @@
-"""auxgen: Meta AuXiliary Learning (MAXL) for any PyTorch classifier."""
+"""auxgen: auxiliary tasks for any PyTorch classifier, with Meta AuXiliary Learning (MAXL)."""
 
 from .hierarchy import masked_softmax, owner_index
-from .labeler import AuxiliaryLabeler, NonFiniteError
+from .labeler import AuxiliaryLabeler
 from .mirror import SUPPORTED_OPTIMIZERS
+from .step import NonFiniteError
+from .tasks import AuxiliaryTask, FixedLabels, GeneratedLabels
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuxiliaryLabeler",
+    "AuxiliaryTask",
+    "FixedLabels",
+    "GeneratedLabels",
     "NonFiniteError",
     "SUPPORTED_OPTIMIZERS",
     "masked_softmax",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
+    "FeatureTap",
     "OutputSpec",
     "check_output_spec",
     "classifier_out_features",
@@ -266,3 +267,62 @@ def primary_logits(out: Any, output: OutputSpec = None) -> Tensor:
         "was found in it (a 'logits' attribute or key, or the first element of a tuple); pass "
         "output= (a key, an index or a callable mapping the model's output to the logits)"
     )
+
+
+class FeatureTap:
+    """The classifier's input, captured by a forward hook during forwards run through it.
+
+    The hook records only inside :meth:`run`, so a user's own ``model(x)`` call never leaves
+    its features (and their autograd graph) referenced here. A feature map ``(N, C,
+    *spatial)`` with ``C == feature_dim`` is average-pooled globally; other shapes are
+    flattened.
+
+    Args:
+        classifier: the module whose input is captured.
+        name: its qualified name (for error messages).
+        feature_dim: the expected width of the features.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> tap = FeatureTap(model[2], "2", feature_dim=3)
+        >>> out, h = tap.run(lambda: model(torch.randn(5, 4)))
+        >>> tuple(out.shape), tuple(h.shape)
+        ((5, 2), (5, 3))
+    """
+
+    def __init__(self, classifier: nn.Module, name: str, feature_dim: int) -> None:
+        self.name = name
+        self.feature_dim = feature_dim
+        self.features: Optional[Tensor] = None
+        self._listening = False
+        self.handle = classifier.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if self._listening:
+            self.features = inputs[0]
+
+    def run(self, forward: Callable[[], Any]) -> tuple[Any, Tensor]:
+        """Run ``forward()`` (a forward of the model); return its output and the features."""
+        self._listening, self.features = True, None
+        try:
+            out = forward()
+        finally:
+            self._listening = False
+        h, self.features = self.features, None
+        if h is None:
+            raise RuntimeError(
+                f"the classifier '{self.name}' was not called during the model's forward; "
+                "pass classifier= naming the module that produces the primary logits"
+            )
+        if h.dim() > 2:
+            if h.shape[1] == self.feature_dim:  # a (N, C, *spatial) feature map: global pool
+                h = h.mean(dim=tuple(range(2, h.dim())))
+            else:
+                h = h.flatten(1)
+        if h.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"the classifier's input has {h.shape[1]} features, expected feature_dim="
+                f"{self.feature_dim}"
+            )
+        return out, h

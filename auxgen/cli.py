@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional, Union
 
 from .checkpoint import CheckpointWriteError
-from .labeler import NonFiniteError
+from .step import NonFiniteError
 
 if TYPE_CHECKING:
     from .experiments.config import RunConfig

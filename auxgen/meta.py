@@ -543,7 +543,7 @@ def meta_jvp(
             f"auxgen: no exact meta-gradient for this model ({why}, which PyTorch does not "
             "implement); using meta='first_order' (a finite-difference JVP) from now on",
             UserWarning,
-            stacklevel=5,
+            stacklevel=6,  # user -> labeler.step -> training_step -> _step -> _meta_gradient
         )
     return directional_derivative(
         loss_matrix_at, thetas, direction, mode="first_order", base=base, rng=rng, fd_eps=fd_eps

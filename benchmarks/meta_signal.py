@@ -68,6 +68,8 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from auxgen.backbone import primary_logits
+
 SOURCES = ("same", "next", "val")
 FORK_LABELS = ("human", "uniform", "random")
 STATS = ("agree", "chance", "cos_human", "cos_random", "agree_head", "head_fine")
@@ -110,7 +112,7 @@ def label_gradient(
     try:
         z_p, z_a = labeler.forward_all(x)
         ell = -torch.log_softmax(z_a.double(), 1)
-        loss = F.cross_entropy(z_p.double(), y) + labeler.aux_weight * (ell * t).sum(1).mean()
+        loss = F.cross_entropy(z_p.double(), y) + labeler.tasks[0].weight * (ell * t).sum(1).mean()
         grads = torch.autograd.grad(
             loss, [p for p, _ in moving], create_graph=True, allow_unused=True
         )
@@ -126,7 +128,7 @@ def label_gradient(
         values = {k: plus.get(id(p), p.detach()) for k, p in model.named_parameters()}
         model_buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
         out = functional_call(model, {**values, **model_buffers}, (meta_x,))
-        meta = F.cross_entropy(labeler._logits(out).double(), meta_y)
+        meta = F.cross_entropy(primary_logits(out, labeler.output).double(), meta_y)
         (g_t,) = torch.autograd.grad(meta, t)
     finally:  # the forward's BatchNorm statistics update is undone (after the backward,
         # which reads them)

@@ -151,7 +151,7 @@ def build_runner(
     seed: int,
 ) -> Runner:
     """Build the model (same initialisation for every configuration) and its step."""
-    from auxgen import AuxiliaryLabeler
+    from auxgen import AuxiliaryLabeler, GeneratedLabels
 
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes).to(x.device).train()
@@ -166,7 +166,10 @@ def build_runner(
 
         return Runner(config, plain_step, 1, [model], [opt])
 
-    labeler = AuxiliaryLabeler(model, psi=[psi] * num_classes, **kwargs).to(x.device).train()
+    options = dict(kwargs)
+    task = {k: options.pop(k) for k in ("generator",) if k in options}
+    task_obj = GeneratedLabels([psi] * num_classes, **task)
+    labeler = AuxiliaryLabeler(model, tasks=task_obj, **options).to(x.device).train()
     opt = torch.optim.SGD(labeler.model_parameters(), lr=0.01, momentum=0.9)
     gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=1e-3, weight_decay=5e-4)
 

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 
 logger = logging.getLogger("ddp_cifar")
 
@@ -239,8 +239,7 @@ def train(args: argparse.Namespace) -> None:
     model = SmallCNN(num_classes=20, width=args.width).to(device)
     labeler = AuxiliaryLabeler(
         model,
-        psi=args.psi,
-        generator=args.generator,
+        tasks=GeneratedLabels(args.psi, generator=args.generator),
         meta=args.meta,
         fd_eps=args.fd_eps,
         nonfinite=args.nonfinite,

@@ -35,7 +35,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 
 PAD = 0
 
@@ -121,7 +121,7 @@ def train(
         torch.manual_seed(args.seed)  # same model initialisation for every run
         model = MeanPoolClassifier(corpus.vocab_size, corpus.topics, dim=args.dim)
         # psi: the generator invents `subtopics` auxiliary classes per topic
-        labeler = AuxiliaryLabeler(model, psi=args.subtopics, aux_weight=aux_weight)
+        labeler = AuxiliaryLabeler(model, tasks=GeneratedLabels(args.subtopics, weight=aux_weight))
         opt = torch.optim.Adam(labeler.model_parameters(), lr=args.lr, weight_decay=1e-4)
         gen_opt = torch.optim.Adam(labeler.generator_parameters(), lr=args.gen_lr)
         loader = DataLoader(

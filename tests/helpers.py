@@ -38,3 +38,16 @@ def batch(n: int = 12, num_classes: int = 3, shape: tuple[int, ...] = (6,), seed
     x = torch.randn(n, *shape, generator=g)
     y = torch.arange(n) % num_classes
     return x, y
+
+
+#: Options of the MAXL task (``GeneratedLabels``) rather than of the labeler.
+MAXL_OPTIONS = ("generator", "entropy_weight", "confidence_weight", "label_temperature")
+
+
+def maxl_labeler(model: nn.Module, psi, *, aux_weight: float = 1.0, **options):
+    """``AuxiliaryLabeler`` with one ``GeneratedLabels(psi)`` task; the MAXL options in
+    ``options`` go to the task, the others to the labeler."""
+    from auxgen import AuxiliaryLabeler, GeneratedLabels
+
+    task = {k: options.pop(k) for k in MAXL_OPTIONS if k in options}
+    return AuxiliaryLabeler(model, tasks=GeneratedLabels(psi, weight=aux_weight, **task), **options)

@@ -13,7 +13,7 @@ import torch
 from helpers import TinyConvNet
 from torch import Tensor
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 
 META = ["second_order", "first_order"]
 
@@ -23,7 +23,9 @@ def _setup(
 ) -> tuple[AuxiliaryLabeler, torch.optim.Optimizer, torch.optim.Optimizer]:
     torch.manual_seed(0)
     labeler = AuxiliaryLabeler(
-        TinyConvNet(num_classes=3, width=8), psi=2, meta=meta, generator=generator
+        TinyConvNet(num_classes=3, width=8),
+        tasks=GeneratedLabels(2, generator=generator),
+        meta=meta,
     )
     opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
     gen_opt = torch.optim.Adam(labeler.generator_parameters(), lr=1e-3)

@@ -19,9 +19,10 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import maxl_labeler
 from torch import nn
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 from auxgen.backbone import classifier_out_features, feature_dim_of, primary_logits
 
 NUM_CLASSES, PSI, N = 3, 2, 4
@@ -128,7 +129,7 @@ def _build(name, dtype=torch.float32, **kwargs):
     make, data, expected = MODELS[name]
     torch.manual_seed(0)
     model = make().to(dtype).train()
-    lab = AuxiliaryLabeler(model, psi=PSI, aux_weight=AUX_W, entropy_weight=ENT_W, **kwargs)
+    lab = maxl_labeler(model, PSI, aux_weight=AUX_W, entropy_weight=ENT_W, **kwargs)
     return lab, data(dtype), torch.arange(N) % NUM_CLASSES, expected
 
 
@@ -212,7 +213,9 @@ def test_meta_gradient_matches_finite_differences(name, meta):
     model = make().to(dtype).train()
     gen = FreeLogits(N, NUM_CLASSES * PSI, dtype)
     lab = AuxiliaryLabeler(
-        model, psi=PSI, generator=gen, aux_weight=AUX_W, entropy_weight=ENT_W, meta=meta
+        model,
+        tasks=GeneratedLabels(PSI, generator=gen, weight=AUX_W, entropy_weight=ENT_W),
+        meta=meta,
     )
     x, y = data(dtype), torch.arange(N) % NUM_CLASSES
     oracle = copy.deepcopy(lab)
@@ -367,7 +370,7 @@ def test_googlenet_training_output_and_copy_generator():
     the auxiliary classifiers get no gradient; the copy generator's output too."""
     torch.manual_seed(0)
     model = torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=True)
-    lab = AuxiliaryLabeler(model, psi=PSI, generator="copy")
+    lab = AuxiliaryLabeler(model, tasks=GeneratedLabels(PSI, generator="copy"))
     x, y = _images(torch.float32), torch.arange(N) % NUM_CLASSES
     assert isinstance(model(x), torchvision.models.GoogLeNetOutputs)
     opt = torch.optim.SGD(lab.model_parameters(), lr=LR)

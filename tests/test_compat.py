@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import TinyConvNet
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 from auxgen.experiments.checkpoints import CHECKPOINT_NAME
 from auxgen.experiments.config import RunConfig
 from auxgen.experiments.training import train
@@ -25,7 +25,8 @@ def test_labeler_checkpoint_of_the_previous_layout_continues_identically(generat
     saved = torch.load(DATA / f"labeler_v0_{generator}.ckpt", weights_only=True)
     torch.manual_seed(123)  # a different initialisation: everything must come from the file
     lab = AuxiliaryLabeler(
-        TinyConvNet(num_classes=3), psi=[2, 3, 1], generator=generator, entropy_weight=0.3
+        TinyConvNet(num_classes=3),
+        tasks=GeneratedLabels([2, 3, 1], generator=generator, entropy_weight=0.3),
     )
     opt = torch.optim.SGD(lab.model_parameters(), lr=0.1, momentum=0.9)
     gen_opt = torch.optim.Adam(lab.generator_parameters(), lr=1e-2)
@@ -38,16 +39,21 @@ def test_labeler_checkpoint_of_the_previous_layout_continues_identically(generat
     torch.testing.assert_close(out["meta_loss"], after["meta_loss"], rtol=1e-6, atol=1e-7)
     lab.eval()
     torch.testing.assert_close(lab.generate_labels(saved["x"][0], saved["y"]), after["labels"])
-    old_to_new = {k: v for k, v in lab.state_dict().items() if torch.is_tensor(v)}
-    assert len(old_to_new) == len(after["state"])
-    for (name, old), new in zip(sorted(after["state"].items()), _by_old_names(lab)):
-        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-7, msg=name)
-
-
-def _by_old_names(lab: AuxiliaryLabeler) -> list[torch.Tensor]:
-    """The labeler's tensors in the sorted order of the previous layout's names."""
     state = {k: v for k, v in lab.state_dict().items() if torch.is_tensor(v)}
-    return [state[k] for k in sorted(state)]
+    assert sorted(map(_new_name, after["state"])) == sorted(state)
+    for name, old in after["state"].items():
+        torch.testing.assert_close(state[_new_name(name)], old, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _new_name(old: str) -> str:
+    """The previous layout's state-dict key in the task layout."""
+    if old == "owner":
+        return "tasks.0.owner"
+    if old.startswith("aux_head."):
+        return "aux_heads.0." + old[len("aux_head.") :]
+    if old.startswith("generator."):
+        return "tasks.0." + old
+    return old
 
 
 def test_run_checkpoint_of_the_previous_layout_resumes_to_the_same_result(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from helpers import TinyConvNet
 from torch import Tensor
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 
 
 @pytest.fixture
@@ -34,7 +34,9 @@ def deterministic() -> Iterator[None]:
 def _run(seed: int, meta: str) -> dict[str, Tensor]:
     torch.manual_seed(seed)
     labeler = AuxiliaryLabeler(
-        TinyConvNet(num_classes=3, width=6, dropout=0.3), psi=[2, 3, 2], meta=meta, generator="copy"
+        TinyConvNet(num_classes=3, width=6, dropout=0.3),
+        tasks=GeneratedLabels([2, 3, 2], generator="copy"),
+        meta=meta,
     )
     opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9, nesterov=True)
     gen_opt = torch.optim.Adam(labeler.generator_parameters(), lr=1e-2)
@@ -59,5 +61,5 @@ def test_same_seed_same_bits(meta: str) -> None:
     # not vacuous: another seed (other init, data and dropout masks) gives other parameters
     other = _run(1, meta)
     assert not torch.equal(
-        first["param:generator.head.weight"], other["param:generator.head.weight"]
+        first["param:tasks.0.generator.head.weight"], other["param:tasks.0.generator.head.weight"]
     )

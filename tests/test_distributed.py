@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from auxgen import AuxiliaryLabeler, NonFiniteError
+from auxgen import AuxiliaryLabeler, GeneratedLabels, NonFiniteError
 from auxgen.cli import _finish_distributed
 from auxgen.hierarchy import masked_log_softmax
 from auxgen.losses import neg_entropy
@@ -64,7 +64,8 @@ def _exact_labeler(entropy_weight: float, **kwargs: Any) -> AuxiliaryLabeler:
     torch.manual_seed(123)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, len(PSI))).double()
     gen = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, sum(PSI))).double()
-    return AuxiliaryLabeler(model, psi=PSI, generator=gen, entropy_weight=entropy_weight, **kwargs)
+    task = GeneratedLabels(PSI, generator=gen, entropy_weight=entropy_weight)
+    return AuxiliaryLabeler(model, tasks=task, **kwargs)
 
 
 def _bn_labeler(distributed: Optional[bool] = None, **kwargs: Any) -> AuxiliaryLabeler:
@@ -73,7 +74,8 @@ def _bn_labeler(distributed: Optional[bool] = None, **kwargs: Any) -> AuxiliaryL
     model = nn.Sequential(
         nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, len(PSI))
     )
-    return AuxiliaryLabeler(model, psi=PSI, generator="copy", distributed=distributed, **kwargs)
+    task = GeneratedLabels(PSI, generator="copy")
+    return AuxiliaryLabeler(model, tasks=task, distributed=distributed, **kwargs)
 
 
 def _buffer_run(rank: int, mode: str) -> dict[str, Any]:
@@ -273,14 +275,14 @@ def test_ranks_stay_in_sync(ranks: list[dict[str, Any]]) -> None:
     """(a) model, aux head and generator are bit-identical on both ranks after every step."""
     r0, r1 = ranks
     first = r0["a"][0]
-    assert any(k.startswith("generator.") for k in first)
-    assert any(k.startswith("aux_head.") for k in first)
+    assert any(k.startswith("tasks.0.generator.") for k in first)
+    assert any(k.startswith("aux_heads.0.") for k in first)
     for step, (p0, p1) in enumerate(zip(r0["a"], r1["a"])):
         _assert_same(p0, p1)
         if step:  # and training really moved them
             assert not torch.equal(p0["model.0.weight"], r0["a"][step - 1]["model.0.weight"])
             assert not torch.equal(
-                p0["generator.0.weight"], r0["a"][step - 1]["generator.0.weight"]
+                p0["tasks.0.generator.0.weight"], r0["a"][step - 1]["tasks.0.generator.0.weight"]
             )
     # buffers="broadcast" (the default): BatchNorm statistics are rank 0's on both ranks.
     _assert_same(r0["a_buffers"], r1["a_buffers"])
@@ -309,7 +311,7 @@ def test_split_batch_equals_full_batch_step(ranks: list[dict[str, Any]]) -> None
             r["b"]["model.0.weight"], ref["model.0.weight"], atol=1e-12, rtol=0
         )
     assert not torch.equal(ref["model.0.weight"], start["model.0.weight"])
-    assert torch.equal(ref["generator.0.weight"], start["generator.0.weight"])
+    assert torch.equal(ref["tasks.0.generator.0.weight"], start["tasks.0.generator.0.weight"])
 
 
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
@@ -354,7 +356,7 @@ def test_meta_gradient_entropy_is_rank_local(ranks: list[dict[str, Any]]) -> Non
 def test_distributed_false_keeps_ranks_independent(ranks: list[dict[str, Any]]) -> None:
     """(d) no averaging: ranks that see different data end up with different parameters."""
     r0, r1 = ranks
-    for k in ("model.0.weight", "aux_head.weight", "generator.0.weight"):
+    for k in ("model.0.weight", "aux_heads.0.weight", "tasks.0.generator.0.weight"):
         assert not torch.allclose(r0["d"][k], r1["d"][k]), k
 
 
@@ -404,7 +406,9 @@ def test_buffers_broadcast_is_rank0s(ranks: list[dict[str, Any]]) -> None:
     r0, r1 = ranks
     own0, own1 = r0["f_local"]["buffers"], r1["f_local"]["buffers"]
     assert not torch.equal(own0["model.1.running_mean"], own1["model.1.running_mean"])
-    assert not torch.equal(own0["generator.1.running_var"], own1["generator.1.running_var"])
+    assert not torch.equal(
+        own0["tasks.0.generator.1.running_var"], own1["tasks.0.generator.1.running_var"]
+    )
     for r in ranks:
         _assert_same(r["f_broadcast"]["buffers"], own0)
         _assert_same(r["f_broadcast"]["params"], r0["f_local"]["params"])

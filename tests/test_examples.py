@@ -156,7 +156,9 @@ def test_accelerate_example_smoke(tmp_path: Path, fresh_accelerate_state) -> Non
     assert result["epoch"] == 2 and result["max_divergence"] == 0.0
     assert 0.0 <= result["test_acc"] <= 1.0
     state = torch.load(tmp_path / "c.pt", weights_only=False)["labeler"]
-    assert {"model.fc.weight", "aux_head.weight", "owner"} <= set(state)  # not a DDP module.*
+    assert {"model.fc.weight", "aux_heads.0.weight", "tasks.0.owner"} <= set(
+        state
+    )  # not a DDP module.*
     floats = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     assert all(v.dtype == torch.float32 for v in floats)
 

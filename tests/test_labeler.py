@@ -13,7 +13,7 @@ from helpers import TinyConvNet, batch, mlp
 from torch import nn
 
 import auxgen
-from auxgen import AuxiliaryLabeler, NonFiniteError
+from auxgen import AuxiliaryLabeler, GeneratedLabels, NonFiniteError
 from auxgen.hierarchy import masked_softmax, normalize_psi, owner_index
 from auxgen.losses import per_class_loss
 
@@ -89,12 +89,12 @@ def test_users_own_forward_is_not_captured():
     model = TinyConvNet(num_classes=3)
     lab = AuxiliaryLabeler(model, psi=[2, 3, 1])
     model(torch.randn(2, 3, 8, 8))  # e.g. the user's evaluation outside the labeler
-    assert lab._features is None  # no features (nor their graph) kept alive
+    assert lab._tap.features is None  # no features (nor their graph) kept alive
 
 
 def test_generate_labels_rows_and_buffers_untouched():
     model = TinyConvNet(num_classes=3)
-    lab = AuxiliaryLabeler(model, psi=[2, 3, 1], generator="head")
+    lab = AuxiliaryLabeler(model, tasks=GeneratedLabels([2, 3, 1], generator="head"))
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     before = {k: v.clone() for k, v in lab.state_dict().items() if torch.is_tensor(v)}
     t = lab.generate_labels(x, y)
@@ -109,7 +109,7 @@ def test_generate_labels_rows_and_buffers_untouched():
 @pytest.mark.parametrize("meta", ["second_order", "first_order"])
 def test_batchnorm_stats_equal_one_ordinary_forward(meta):
     model = TinyConvNet(num_classes=3)
-    lab = AuxiliaryLabeler(model, psi=[2, 2, 2], meta=meta, generator="copy")
+    lab = AuxiliaryLabeler(model, tasks=GeneratedLabels([2, 2, 2], generator="copy"), meta=meta)
     reference = copy.deepcopy(model)
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 3
     reference(x)  # one ordinary training forward at the pre-step parameters
@@ -126,7 +126,7 @@ def test_every_generator_parameter_gets_a_gradient(generator):
     gen = (
         nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 9)) if generator == "module" else generator
     )
-    lab = AuxiliaryLabeler(model, psi=[2, 3, 4], generator=gen)
+    lab = AuxiliaryLabeler(model, tasks=GeneratedLabels([2, 3, 4], generator=gen))
     if generator == "copy":
         # an independently initialised copy of the architecture with a sum(psi)-way head
         assert isinstance(lab.generator, TinyConvNet) and lab.generator.head.out_features == 9
@@ -143,19 +143,23 @@ def test_every_generator_parameter_gets_a_gradient(generator):
 
 def test_default_generator_is_the_head():
     lab = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1])
-    assert lab.generator_kind == "head"
+    assert lab.tasks[0].generator_kind == "head"
     assert lab.generator[0].in_features == 4 and lab.generator[-1].out_features == 6
 
 
 @pytest.mark.parametrize("generator", ["copy", "head"])
 def test_state_dict_round_trip(generator):
     torch.manual_seed(1)
-    lab = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1], generator=generator)
+    lab = AuxiliaryLabeler(
+        TinyConvNet(num_classes=3), tasks=GeneratedLabels([2, 3, 1], generator=generator)
+    )
     opt, gen_opt = _opts(lab)
     x, y = torch.randn(6, 3, 8, 8), torch.arange(6) % 3
     lab.step(x, y, opt, gen_opt)
     torch.manual_seed(2)
-    other = AuxiliaryLabeler(TinyConvNet(num_classes=3), psi=[2, 3, 1], generator=generator)
+    other = AuxiliaryLabeler(
+        TinyConvNet(num_classes=3), tasks=GeneratedLabels([2, 3, 1], generator=generator)
+    )
     other.load_state_dict(lab.state_dict())
     lab.eval()
     other.eval()
@@ -165,12 +169,16 @@ def test_state_dict_round_trip(generator):
 
 
 def test_state_dict_carries_the_meta_every_schedule():
-    lab = AuxiliaryLabeler(mlp(), psi=[2, 3, 4], meta_every=3, generator=mlp(6, 7, 9, bn=False))
+    lab = AuxiliaryLabeler(
+        mlp(), tasks=GeneratedLabels([2, 3, 4], generator=mlp(6, 7, 9, bn=False)), meta_every=3
+    )
     opt, gen_opt = _opts(lab)
     x, y = batch()
     for _ in range(2):
         lab.step(x, y, opt, gen_opt)
-    other = AuxiliaryLabeler(mlp(), psi=[2, 3, 4], meta_every=3, generator=mlp(6, 7, 9, bn=False))
+    other = AuxiliaryLabeler(
+        mlp(), tasks=GeneratedLabels([2, 3, 4], generator=mlp(6, 7, 9, bn=False)), meta_every=3
+    )
     other.load_state_dict(lab.state_dict())
     opt2, gen_opt2 = _opts(other)
     assert [other.step(x, y, opt2, gen_opt2)["meta_updated"] for _ in range(2)] == [False, True]
@@ -208,7 +216,9 @@ def test_aux_weight_zero_is_single_task_training():
 
     model = mlp(bn=False)
     reference = copy.deepcopy(model)
-    lab = AuxiliaryLabeler(model, psi=[2, 3, 4], aux_weight=0.0, generator=Counting())
+    lab = AuxiliaryLabeler(
+        model, tasks=GeneratedLabels([2, 3, 4], weight=0.0, generator=Counting())
+    )
     opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     x, y = batch()
@@ -221,7 +231,9 @@ def test_aux_weight_zero_is_single_task_training():
 
 
 def test_meta_every_updates_generator_on_schedule():
-    lab = AuxiliaryLabeler(mlp(), psi=[2, 3, 4], meta_every=2, generator=mlp(6, 7, 9, bn=False))
+    lab = AuxiliaryLabeler(
+        mlp(), tasks=GeneratedLabels([2, 3, 4], generator=mlp(6, 7, 9, bn=False)), meta_every=2
+    )
     opt, gen_opt = _opts(lab)
     x, y = batch()
     updated = [lab.step(x, y, opt, gen_opt)["meta_updated"] for _ in range(5)]
@@ -277,7 +289,7 @@ def test_nonfinite_loss_raises_and_changes_nothing():
 )
 def test_one_step_on_real_backbones(factory):
     model = factory()
-    lab = AuxiliaryLabeler(model, psi=[2, 1, 3, 2], generator="head")
+    lab = AuxiliaryLabeler(model, tasks=GeneratedLabels([2, 1, 3, 2], generator="head"))
     opt, gen_opt = _opts(lab, lr=0.01)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     before = [p.clone() for p in lab.model_parameters()]
@@ -291,7 +303,7 @@ def test_one_step_on_real_backbones(factory):
 
 def test_copy_generator_on_torchvision_resnet():
     model = torchvision.models.resnet18(num_classes=2)
-    lab = AuxiliaryLabeler(model, psi=[3, 2], generator="copy")
+    lab = AuxiliaryLabeler(model, tasks=GeneratedLabels([3, 2], generator="copy"))
     assert lab.classifier_name == "fc" and lab.generator.fc.out_features == 5
     assert lab.feature_dim == 512
     opt, gen_opt = _opts(lab, lr=0.01)
@@ -317,9 +329,9 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match=r"num_classes=4 does not match the classifier"):
         AuxiliaryLabeler(mlp(), psi=2, num_classes=4)
     with pytest.raises(ValueError, match=r"generator must be one of \('copy', 'head'\)"):
-        AuxiliaryLabeler(mlp(), psi=2, generator="big")
+        AuxiliaryLabeler(mlp(), tasks=GeneratedLabels(2, generator="big"))
     with pytest.raises(TypeError, match="generator must be one of .* got int"):
-        AuxiliaryLabeler(mlp(), psi=2, generator=3)
+        AuxiliaryLabeler(mlp(), tasks=GeneratedLabels(2, generator=3))
     with pytest.raises(ValueError, match=r"loss must be one of \('ce', 'focal'\), got 'mse'"):
         AuxiliaryLabeler(mlp(), psi=2, loss="mse")
     with pytest.raises(ValueError, match="meta must be one of .* got 'third'"):
@@ -327,7 +339,7 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="meta_every must be a positive int, got 0"):
         AuxiliaryLabeler(mlp(), psi=2, meta_every=0)
     with pytest.raises(ValueError, match="entropy_weight must be a non-negative number, got -1"):
-        AuxiliaryLabeler(mlp(), psi=2, entropy_weight=-1)
+        AuxiliaryLabeler(mlp(), tasks=GeneratedLabels(2, entropy_weight=-1))
     with pytest.raises(ValueError, match="could not find the classifier of NoLinear"):
         AuxiliaryLabeler(NoLinear(), psi=[1, 1])
     with pytest.raises(ValueError, match="classifier='nope' is not a submodule"):
@@ -340,7 +352,9 @@ def test_constructor_errors():
         AuxiliaryLabeler(timm.create_model("test_resnet", num_classes=0), psi=[1])
     model = mlp()
     with pytest.raises(ValueError, match="generator shares 2 parameter"):
-        AuxiliaryLabeler(model, psi=2, generator=nn.Sequential(model[0], nn.Linear(8, 6)))
+        AuxiliaryLabeler(
+            model, tasks=GeneratedLabels(2, generator=nn.Sequential(model[0], nn.Linear(8, 6)))
+        )
 
 
 def test_explicit_classifier_and_feature_dim_on_a_custom_module():
@@ -357,8 +371,15 @@ def test_explicit_classifier_and_feature_dim_on_a_custom_module():
     with pytest.raises(ValueError, match="cannot infer the feature width .* pass feature_dim="):
         AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out")
     with pytest.raises(ValueError, match="generator='copy' replaces the classifier 'out'"):
-        AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out", feature_dim=5, generator="copy")
-    lab = AuxiliaryLabeler(Custom(), psi=[2, 2], classifier="out", feature_dim=5, generator="head")
+        AuxiliaryLabeler(
+            Custom(),
+            tasks=GeneratedLabels([2, 2], generator="copy"),
+            classifier="out",
+            feature_dim=5,
+        )
+    lab = AuxiliaryLabeler(
+        Custom(), tasks=GeneratedLabels([2, 2], generator="head"), classifier="out", feature_dim=5
+    )
     opt, gen_opt = _opts(lab)
     out = lab.step(torch.randn(4, 6), torch.tensor([0, 1, 0, 1]), opt, gen_opt)
     assert out["meta_updated"]
@@ -402,7 +423,7 @@ def test_step_input_errors():
 
 
 def test_generator_with_wrong_output_shape():
-    lab = AuxiliaryLabeler(mlp(), psi=[2, 3, 4], generator=nn.Linear(6, 5))
+    lab = AuxiliaryLabeler(mlp(), tasks=GeneratedLabels([2, 3, 4], generator=nn.Linear(6, 5)))
     opt, gen_opt = _opts(lab)
     with pytest.raises(ValueError, match=r"generator must return .* \(12, 9\) logits, got shape"):
         lab.step(*batch(), opt, gen_opt)

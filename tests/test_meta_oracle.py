@@ -15,9 +15,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import maxl_labeler
 from torch import nn
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 
 PSI = [2, 3, 4]
 OWNER = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2])
@@ -311,9 +312,9 @@ def build(meta, zero_col, steps=2, **options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
     gen = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 9)).double()
-    labeler = AuxiliaryLabeler(
+    labeler = maxl_labeler(
         model,
-        psi=PSI,
+        PSI,
         generator=gen,
         loss="ce",
         aux_weight=AUX_W,
@@ -494,7 +495,7 @@ def test_label_option_matches_oracle(case, option):
 def test_label_temperature_errors(bad):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="label_temperature must be a positive number"):
-        AuxiliaryLabeler(model, psi=2, label_temperature=bad)
+        AuxiliaryLabeler(model, tasks=GeneratedLabels(2, label_temperature=bad))
 
 
 def test_meta_batch_errors():
@@ -565,4 +566,4 @@ def test_grad_cosine_costs_one_backward_when_enabled_and_none_when_disabled(monk
 def test_confidence_weight_errors(bad):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="confidence_weight must be a non-negative number"):
-        AuxiliaryLabeler(model, psi=2, confidence_weight=bad)
+        AuxiliaryLabeler(model, tasks=GeneratedLabels(2, confidence_weight=bad))

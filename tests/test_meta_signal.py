@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels
 from auxgen.hierarchy import masked_log_softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -33,7 +33,9 @@ PSI = (2, 3, 2)
 
 def _labeler(seed: int = 0) -> AuxiliaryLabeler:
     torch.manual_seed(seed)
-    lab = AuxiliaryLabeler(mlp(6, 8, 3, bn=True), PSI, generator="head", entropy_weight=0.0)
+    lab = AuxiliaryLabeler(
+        mlp(6, 8, 3, bn=True), tasks=GeneratedLabels(PSI, generator="head", entropy_weight=0.0)
+    )
     return lab.double()
 
 
@@ -90,7 +92,7 @@ def test_label_gradient_is_the_library_meta_gradient() -> None:
     for seed in range(3):
         x, y = _batch(8, 10 + seed)
         buffers = {k: b.clone() for k, b in lab.named_buffers()}
-        t = masked_log_softmax(lab._generator_logits(x, None), y, lab.owner).exp()
+        t = masked_log_softmax(lab.tasks[0].logits(x, lab.features(x)[1]), y, lab.owner).exp()
         with torch.no_grad():  # undo that forward's BatchNorm update
             for k, b in lab.named_buffers():
                 b.copy_(buffers[k])

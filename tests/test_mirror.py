@@ -202,11 +202,11 @@ def test_sgd_stand_in_is_plain_sgd_at_the_groups_current_lr():
 
 
 def _labeler(**options):
-    from auxgen import AuxiliaryLabeler
+    from helpers import maxl_labeler
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    return AuxiliaryLabeler(model, psi=[2, 3, 4], **options)
+    return maxl_labeler(model, [2, 3, 4], **options)
 
 
 def test_labeler_refuses_unmirrored_optimizer_unless_lookahead_sgd():

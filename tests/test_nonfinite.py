@@ -19,7 +19,7 @@ import torch
 from helpers import TinyConvNet
 from torch import Tensor, nn
 
-from auxgen import AuxiliaryLabeler, NonFiniteError
+from auxgen import AuxiliaryLabeler, GeneratedLabels, NonFiniteError
 
 NAN_MULTITASK = r"non-finite multi-task loss or gradient .*no parameter, buffer or optimiser"
 NAN_META = r"non-finite meta loss or meta-gradient .*no parameter, buffer or optimiser"
@@ -63,8 +63,7 @@ def _make(
         generator = PoisonedGenerator(6)
     labeler = AuxiliaryLabeler(
         TinyConvNet(num_classes=3, width=4),
-        psi=2,
-        generator=generator,
+        tasks=GeneratedLabels(2, generator=generator),
         meta=meta,
         nonfinite=nonfinite,
         meta_every=meta_every,

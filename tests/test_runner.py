@@ -118,7 +118,7 @@ def test_generator_optimizer_and_confidence_reach_the_labeler(optimizer, gen_opt
     run = _build(cfg.validate(), torch.device("cpu"))
     assert type(run.gen_opt) is want and run.gen_opt.param_groups[0]["lr"] == 0.02
     assert type(run.opt) is (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)
-    assert run.labeler.confidence_weight == 0.3
+    assert run.labeler.tasks[0].confidence_weight == 0.3
     with pytest.raises(ValueError, match="gen_optimizer must be one of"):
         dataclasses.replace(cfg, gen_optimizer="lbfgs").validate()
 

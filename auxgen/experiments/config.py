@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..labeler import GENERATORS
+from ..tasks import GENERATORS
 from .hierarchies import FASHION_PRIMARY, MNIST_PRIMARY, grouping_psi, hierarchy_psi
 
 __all__ = [

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..labeler import AuxiliaryLabeler
+from ..tasks import GeneratedLabels
 from . import checkpoints as C
 from .batches import epoch_batches, prepare, steps_per_epoch
 from .config import RunConfig
@@ -166,12 +167,14 @@ def _build(cfg: RunConfig, device: torch.device) -> _Run:
     is_maxl = cfg.method == "maxl"
     labeler = AuxiliaryLabeler(
         model,
-        data.psi,
-        generator=cfg.generator if is_maxl else "head",
-        aux_weight=0.0 if cfg.method == "single" else cfg.aux_weight,
-        entropy_weight=cfg.entropy_weight,
-        confidence_weight=cfg.confidence_weight,
-        label_temperature=cfg.label_temperature,
+        tasks=GeneratedLabels(
+            data.psi,
+            generator=cfg.generator if is_maxl else "head",
+            weight=0.0 if cfg.method == "single" else cfg.aux_weight,
+            entropy_weight=cfg.entropy_weight,
+            confidence_weight=cfg.confidence_weight,
+            label_temperature=cfg.label_temperature,
+        ),
         meta=cfg.meta,
         meta_every=cfg.meta_every,
         diagnostics=cfg.diagnostics,

@@ -1,0 +1,95 @@
+"""Checks of what a user passes to a step: one message naming the argument, the expectation
+and the value, instead of a deep stack trace or silent garbage."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_batch", "check_meta_batch", "check_choice", "check_positive_int"]
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else ``ValueError`` naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` if it is a positive int (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_batch(
+    x: Any, y: Any, num_classes: int, device: torch.device, what: str = "len(psi)"
+) -> tuple[Tensor, Tensor]:
+    """A batch ``(x, y)``: tensors with one integer label in ``[0, num_classes)`` per sample.
+
+    Args:
+        x: the inputs (any shape with the batch first).
+        y: the primary labels.
+        num_classes: number of primary classes.
+        device: where the labels are moved (the labeler's device).
+        what: how the message names where ``num_classes`` comes from.
+
+    Returns:
+        ``x`` and ``y`` as ``long`` on ``device``.
+
+    Example:
+        >>> x, y = check_batch(torch.zeros(2, 3), torch.tensor([0, 2]), 3, torch.device("cpu"))
+        >>> y.dtype
+        torch.int64
+        >>> check_batch(torch.zeros(2, 3), torch.tensor([0, 3]), 3, torch.device("cpu"))
+        Traceback (most recent call last):
+        ...
+        ValueError: y must lie in [0, 3) (len(psi)=3), got 3
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a Tensor of class indices, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"y must be 1-D (batch,), got shape {tuple(y.shape)}")
+    if x.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must have the same batch size, got x.shape={tuple(x.shape)} and "
+            f"y.shape={tuple(y.shape)}"
+        )
+    if y.numel() == 0:
+        raise ValueError("the batch is empty (y has 0 elements)")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"y must lie in [0, {num_classes}) ({what}={num_classes}), got {bad}")
+    return x, y.to(device=device, dtype=torch.long)
+
+
+def check_meta_batch(
+    meta_batch: Any, x: Tensor, num_classes: int, device: torch.device, what: str = "len(psi)"
+) -> Optional[tuple[Tensor, Tensor]]:
+    """``meta_batch``: ``None`` or a pair ``(x_m, y_m)`` checked like a batch, shaped like ``x``."""
+    if meta_batch is None:
+        return None
+    if not isinstance(meta_batch, (tuple, list)) or len(meta_batch) != 2:
+        raise TypeError(
+            "meta_batch must be a pair (x_m, y_m) of tensors, got "
+            f"{type(meta_batch).__name__}"
+            + (f" of length {len(meta_batch)}" if isinstance(meta_batch, (tuple, list)) else "")
+        )
+    try:
+        x_m, y_m = check_batch(*meta_batch, num_classes, device, what)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"meta_batch: {e}") from None
+    if x_m.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"meta_batch: x_m must have the per-sample shape of x {tuple(x.shape[1:])}, "
+            f"got {tuple(x_m.shape[1:])}"
+        )
+    return x_m, y_m
