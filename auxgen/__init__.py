@@ -4,7 +4,14 @@ from .hierarchy import masked_softmax, owner_index
 from .labeler import AuxiliaryLabeler
 from .mirror import SUPPORTED_OPTIMIZERS
 from .step import NonFiniteError
-from .tasks import AuxiliaryTask, FixedLabels, GeneratedLabels
+from .tasks import (
+    AuxiliaryTask,
+    FixedLabels,
+    GeneratedLabels,
+    LearnedWeight,
+    TransformLabels,
+    rotations,
+)
 
 __version__ = "0.1.0"
 
@@ -13,9 +20,12 @@ __all__ = [
     "AuxiliaryTask",
     "FixedLabels",
     "GeneratedLabels",
+    "LearnedWeight",
     "NonFiniteError",
     "SUPPORTED_OPTIMIZERS",
+    "TransformLabels",
     "masked_softmax",
     "owner_index",
+    "rotations",
     "__version__",
 ]

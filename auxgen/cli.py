@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub: Any) -> None:
-    from .experiments.config import METHODS
+    from .experiments.sweep import DEMO_METHODS
 
     demo = sub.add_parser(
         "demo",
@@ -147,8 +147,8 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
-        help=f"methods to compare (default: {' '.join(METHODS)})",
+        default=list(DEMO_METHODS),
+        help=f"methods to compare (default: {' '.join(DEMO_METHODS)})",
     )
     demo.add_argument("--smoke", action="store_true", help="finish in seconds (tiny budget)")
     _add_common(demo)
@@ -176,7 +176,7 @@ def _add_run(sub: Any) -> None:
 
 
 def _add_task_options(g: Any) -> None:
-    from .experiments.config import DATASETS, GENERATORS, METHODS
+    from .experiments.config import DATASETS, GENERATORS, METHODS, TRANSFORM_VARIANTS
 
     named = ", ".join([*METHODS, *(f"maxl-{gen}" for gen in GENERATORS)])
     g.add_argument("--dataset", choices=DATASETS, required=True)
@@ -186,7 +186,8 @@ def _add_task_options(g: Any) -> None:
         dest="methods",
         nargs="+",
         default=["maxl"],
-        help=f"{named}, or maxl-<generator>-<meta source> such as maxl-head-next (several allowed)",
+        help=f"{named}, maxl-<generator>-<meta source> such as maxl-head-next, or "
+        f"transform-<variant> with a variant of {', '.join(TRANSFORM_VARIANTS)} (several allowed)",
     )
     g.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0])
     g.add_argument(

@@ -24,7 +24,7 @@ from .losses import LOSSES
 from .meta import META_MODES, JVPPlan
 from .mirror import LOOKAHEADS, check_optimizer, is_mirrored
 from .step import NonFiniteError, StepParts, training_step
-from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext
+from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
 
@@ -262,6 +262,19 @@ class AuxiliaryLabeler(nn.Module):
         finally:
             for b, c in saved:
                 b.copy_(c)
+
+    @torch.no_grad()
+    def aggregated_log_probs(self, x: Tensor) -> Tensor:
+        """SLA's aggregated prediction ``(N, num_classes)`` of the first
+        :class:`~auxgen.TransformLabels` task with a joint head: the mean over the
+        transformed views of the joint log-probability of each class under the right
+        transform. Its argmax is a class; call it in eval mode (a forward of ``K`` views).
+        """
+        for task, head in zip(self.tasks, self.aux_heads):
+            inner = getattr(task, "task", task)
+            if isinstance(inner, TransformLabels) and inner.form != "predict":
+                return inner.aggregated_log_probs(lambda v: self.features(v)[1], head, x)
+        raise AttributeError("the labeler has no TransformLabels task with a joint head")
 
     # -------------------------------------------------------------------- step
     def step(

@@ -74,6 +74,7 @@ class _Forward:
     views: list[Optional[slice]]
     ells: list[Tensor] = field(default_factory=list)
     targets: list[Tensor] = field(default_factory=list)
+    extras: list[Tensor] = field(default_factory=list)
     learned: list[int] = field(default_factory=list)
 
 
@@ -160,15 +161,19 @@ def _forward(
         h_views = h_all[views[j]] if views[j] is not None else None
         z = head(task.head_input(plan, h, h_views))
         ell = task.loss_matrix(z, parts.loss, parts.focal_gamma)
+        if task.weight > 0:
+            z_views = z_all[views[j]] if views[j] is not None else None
+            extra = task.extra_loss(plan, z_p, z_views, z)
+            if extra is not None:
+                fwd.extras.append(extra)
         if task.weight == 0:  # the task is off: its targets are not computed
             t = z.new_zeros(z.shape).float()
         elif plan.targets is not None:
             t = plan.targets.to(device=z.device, dtype=z.dtype)
         else:
-            learned = do_meta and task.learned
-            t = task.targets(plan, x, y, h, grad=learned)
-            if learned:
-                fwd.learned.append(j)
+            t = task.targets(plan, x, y, h, grad=do_meta and task.learned)
+        if do_meta and task.learned and task.weight > 0:
+            fwd.learned.append(j)
         fwd.ells.append(ell)
         fwd.targets.append(t)
     return fwd, rng
@@ -205,6 +210,8 @@ def _step(
         la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
         loss = loss + task.weight * la
         task_losses.append(la)
+    for extra in fwd.extras:
+        loss = loss + extra
     shared, g_p = _primary_grads(parts, lp, params) if parts.diagnostics else ([], [])
     grads = list(torch.autograd.grad(loss, params, allow_unused=True))
     present = [i for i, g in enumerate(grads) if g is not None]
@@ -306,8 +313,7 @@ def _meta_gradient(
     reg_total: Optional[Tensor] = None
     for j, d in zip(fwd.learned, _unflat(dell, [fwd.ells[j] for j in fwd.learned])):
         task, t = parts.tasks[j], fwd.targets[j]
-        g_t = d.detach() * (task.weight / t.shape[0])
-        term = (g_t.to(t.dtype) * t).sum()
+        term = task.meta_surrogate(d.detach(), t)
         reg = task.regularizer(t)
         if reg is not None:
             term = term + reg

@@ -14,6 +14,9 @@ Methods (all through :class:`auxgen.AuxiliaryLabeler` and its public API, same c
   meta-gradient (``generator="copy"`` as in the paper, or the cheap ``"head"``). In
   :func:`auxgen.experiments.sweep.run_sweep` the names ``maxl-copy`` / ``maxl-head`` select
   the generator.
+* ``transform``: labels from the four image rotations (:class:`auxgen.TransformLabels`),
+  no labels beyond the primary ones; ``transform-<variant>`` names a variant of
+  :data:`TRANSFORM_VARIANTS` (``transform`` alone is ``transform-both``).
 
 The tuples of choices below (:data:`METHODS`, :data:`DATASETS`, ...) are the one definition
 that the command line and the benchmarks import.
@@ -40,6 +43,7 @@ __all__ = [
     "META_MODES",
     "META_SOURCES",
     "BUILTIN_BACKBONES",
+    "TRANSFORM_VARIANTS",
     "RunConfig",
     "check_config",
     "parse_method",
@@ -47,7 +51,18 @@ __all__ = [
 ]
 
 
-METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl")
+METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl", "transform")
+#: ``transform-<variant>``: ``both`` (the default: joint (class, rotation) labels and
+#: rotation prediction, two heads' losses on the 4 rotated views), ``joint`` (SLA's joint
+#: labels alone), ``predict`` (rotation prediction alone), ``one`` (``both`` on one random
+#: rotation per image: about half the cost), ``sd`` (``joint`` with SLA's self-distillation
+#: of the aggregated prediction into the primary head), ``pviews`` (``both``, and the primary
+#: loss also on the rotated views), ``maxl`` (``both`` with MAXL's generated labels as a
+#: second auxiliary task) and ``autol`` (``both`` with its loss weight learned by the
+#: meta-gradient, Auto-lambda).
+TRANSFORM_VARIANTS: tuple[str, ...] = (
+    "both", "joint", "predict", "one", "sd", "pviews", "maxl", "autol",
+)  # fmt: skip
 DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10", "mnist", "fashionmnist")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
@@ -70,7 +85,9 @@ class RunConfig:
             >= 5, human aux: the digit) or ``"fashionmnist"`` (primary: tops / trousers and
             dresses / footwear / bags, human aux: the 10 classes; see
             :data:`auxgen.experiments.hierarchies.FASHION_PRIMARY`).
-        method: ``"single"``, ``"human"``, ``"random"``, ``"kmeans"`` or ``"maxl"``.
+        method: ``"single"``, ``"human"``, ``"random"``, ``"kmeans"``, ``"maxl"`` or
+            ``"transform"``.
+        transform: the ``transform`` method's variant (:data:`TRANSFORM_VARIANTS`).
         backbone: ``"cnn"`` (:class:`~auxgen.experiments.models.SmallCNN`), ``"mlp"``
             (:class:`~auxgen.experiments.models.MLP`), a timm model name
             (``"resnet18"``,
@@ -153,6 +170,7 @@ class RunConfig:
 
     dataset: str = "digits"
     method: str = "maxl"
+    transform: str = "both"
     backbone: str = "cnn"
     width: int = 32
     primary_level: Optional[int] = None
@@ -201,6 +219,8 @@ class RunConfig:
     def label(self) -> str:
         """Display name: the method, with the generator for ``maxl`` (``"maxl-copy"``) and
         the meta source when it is not the paper's (``"maxl-head-next"``)."""
+        if self.method == "transform":
+            return "transform" if self.transform == "both" else f"transform-{self.transform}"
         if self.method != "maxl":
             return self.method
         src = "" if self.meta_source == "train" else f"-{self.meta_source}"
@@ -215,7 +235,12 @@ class RunConfig:
             'maxl-copy-next'
             >>> RunConfig(generator="head").with_method("maxl").label
             'maxl-head'
+            >>> RunConfig().with_method("transform-joint").label
+            'transform-joint'
         """
+        if spec.partition("-")[0] == "transform":
+            _, variant = parse_method(spec)
+            return dataclasses.replace(self, method="transform", transform=variant or "both")
         method, gen, src = parse_variant(spec)
         return dataclasses.replace(
             self,
@@ -239,6 +264,7 @@ class RunConfig:
             "schedule": SCHEDULES,
             "meta": META_MODES,
             "meta_source": META_SOURCES,
+            "transform": TRANSFORM_VARIANTS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -338,18 +364,26 @@ def parse_method(spec: str) -> tuple[str, Optional[str]]:
     """Split a method name as used by :func:`run_sweep` and the CLI.
 
     Returns:
-        ``(method, generator)``; ``generator`` is ``None`` unless the spec names one.
+        ``(method, variant)``; ``variant`` (the generator of ``maxl``, the variant of
+        ``transform``) is ``None`` unless the spec names one.
 
     Example:
-        >>> parse_method("maxl-head"), parse_method("human")
-        (('maxl', 'head'), ('human', None))
+        >>> parse_method("maxl-head"), parse_method("human"), parse_method("transform-one")
+        (('maxl', 'head'), ('human', None), ('transform', 'one'))
     """
     if spec in METHODS:
         return spec, None
     head, _, gen = spec.partition("-")
     if head == "maxl" and gen in GENERATORS:
         return "maxl", gen
-    allowed = [*METHODS, *(f"maxl-{g}" for g in GENERATORS), "maxl-<generator>-<meta source>"]
+    if head == "transform" and gen in TRANSFORM_VARIANTS:
+        return "transform", gen
+    allowed = [
+        *METHODS,
+        *(f"maxl-{g}" for g in GENERATORS),
+        "maxl-<generator>-<meta source>",
+        *(f"transform-{v}" for v in TRANSFORM_VARIANTS),
+    ]
     raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(allowed)}")
 
 

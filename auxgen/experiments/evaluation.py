@@ -18,7 +18,7 @@ from .batches import prepare
 from .config import RunConfig
 from .datasets import Data
 
-__all__ = ["evaluate", "aux_analysis"]
+__all__ = ["evaluate", "evaluate_aggregated", "aux_analysis"]
 
 
 @torch.no_grad()
@@ -43,6 +43,23 @@ def evaluate(
         correct += int((logits.argmax(1) == y).sum())
         loss += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
     return correct / max(n, 1), loss / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_aggregated(
+    labeler: AuxiliaryLabeler, data: Data, device: torch.device, split: str = "test"
+) -> float:
+    """Accuracy of SLA's aggregated prediction (:meth:`AuxiliaryLabeler.aggregated_log_probs`)
+    on a split: every image under every transform, one pass per view."""
+    labeler.eval()
+    x_all, y_all = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
+    assert x_all is not None and y_all is not None
+    correct, n = 0, int(y_all.numel())
+    for start in range(0, n, 500):
+        x = prepare(x_all[start : start + 500], data, device)
+        y = y_all[start : start + 500].to(device)
+        correct += int((labeler.aggregated_log_probs(x).argmax(1) == y).sum())
+    return correct / max(n, 1)
 
 
 @torch.no_grad()
@@ -79,6 +96,8 @@ def aux_analysis(
     """What the auxiliary task looks like: NMI with the fine labels, class usage, examples."""
     out: dict[str, Any] = {}
     if cfg.method == "single" or not data.has_hierarchy:
+        return out
+    if cfg.method == "transform" and cfg.transform != "maxl":  # no generated labels
         return out
     num_aux = sum(data.psi)
     if fixed is not None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .checkpoints import RESULTS_NAME
-from .config import METHODS, RunConfig, check_config
+from .config import RunConfig, check_config
 from .datasets import load_data
 from .models import check_backbone
 from .runtime import PathLike, is_main_process, write_json
@@ -24,6 +24,9 @@ from .training import train
 
 __all__ = ["run_sweep", "run_demo", "summarize", "format_table", "markdown_table"]
 
+
+#: The methods ``auxgen demo`` compares by default.
+DEMO_METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl")
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-method statistics over seeds, in first-seen order.
@@ -271,7 +274,7 @@ def run_demo(
     smoke: bool = False,
     epochs: int = 15,
     train_subset: Optional[int] = 20,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEMO_METHODS,
     threads: Optional[int] = None,
     progress: bool = True,
 ) -> dict[str, Any]:

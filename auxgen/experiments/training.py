@@ -26,12 +26,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..labeler import AuxiliaryLabeler
-from ..tasks import GeneratedLabels
+from ..tasks import AuxiliaryTask, GeneratedLabels, LearnedWeight, TransformLabels
 from . import checkpoints as C
 from .batches import epoch_batches, prepare, steps_per_epoch
 from .config import RunConfig
 from .datasets import Data, load_data
-from .evaluation import aux_analysis, evaluate
+from .evaluation import aux_analysis, evaluate, evaluate_aggregated
 from .models import build_model, check_backbone
 from .runtime import resolve_device, seed_everything, world_and_rank, write_json
 
@@ -66,6 +66,41 @@ def _clean_aux_labels(cfg: RunConfig, data: Data) -> Optional[Tensor]:
         logger.info("k-means auxiliary labels computed in %.1fs", time.perf_counter() - t0)
         return aux
     return None
+
+
+def _learns(cfg: RunConfig) -> bool:
+    """Whether the run trains tasks by the meta-gradient (and so has a generator optimiser)."""
+    return cfg.method == "maxl" or (
+        cfg.method == "transform" and cfg.transform in ("maxl", "autol")
+    )
+
+
+def _tasks(cfg: RunConfig, data: Data) -> list[AuxiliaryTask]:
+    """The run's auxiliary tasks (see :data:`~auxgen.experiments.config.TRANSFORM_VARIANTS`)."""
+    maxl = GeneratedLabels(
+        data.psi,
+        generator=cfg.generator if cfg.method in ("maxl", "transform") else "head",
+        weight=0.0 if cfg.method == "single" else cfg.aux_weight,
+        entropy_weight=cfg.entropy_weight,
+        confidence_weight=cfg.confidence_weight,
+        label_temperature=cfg.label_temperature,
+    )
+    if cfg.method != "transform":
+        return [maxl]
+    variant = cfg.transform
+    options: dict[str, Any] = {"form": "both", "weight": cfg.aux_weight}
+    if variant in ("joint", "predict"):
+        options["form"] = variant
+    elif variant == "one":
+        options["views"] = "one"
+    elif variant == "sd":
+        options.update(form="joint", distill=1.0)
+    elif variant == "pviews":
+        options["primary_views"] = True
+    task = TransformLabels(**options)
+    if variant == "autol":
+        return [LearnedWeight(task)]
+    return [task, maxl] if variant == "maxl" else [task]
 
 
 def _make_optimizer(kind: str, params: list, lr: float, momentum: float, wd: float):
@@ -164,17 +199,9 @@ def _build(cfg: RunConfig, device: torch.device) -> _Run:
     seed_everything(cfg.seed)
     c, h, _ = data.image_shape
     model = build_model(cfg.backbone, c, data.num_classes, h, cfg.width)
-    is_maxl = cfg.method == "maxl"
     labeler = AuxiliaryLabeler(
         model,
-        tasks=GeneratedLabels(
-            data.psi,
-            generator=cfg.generator if is_maxl else "head",
-            weight=0.0 if cfg.method == "single" else cfg.aux_weight,
-            entropy_weight=cfg.entropy_weight,
-            confidence_weight=cfg.confidence_weight,
-            label_temperature=cfg.label_temperature,
-        ),
+        tasks=_tasks(cfg, data),
         meta=cfg.meta,
         meta_every=cfg.meta_every,
         diagnostics=cfg.diagnostics,
@@ -190,7 +217,7 @@ def _build(cfg: RunConfig, device: torch.device) -> _Run:
             cfg.momentum,
             cfg.gen_weight_decay,
         )
-        if is_maxl
+        if _learns(cfg)
         else None
     )
     steps = steps_per_epoch(int(data.y_train.numel()) // world_and_rank()[0], cfg.batch_size)
@@ -353,6 +380,10 @@ def _results(
         final_acc, final_loss = evaluate(labeler, data, None, device)
     fixed = run.fixed.cpu() if run.fixed is not None else None
     aux = aux_analysis(cfg, labeler, data, fixed, device)
+    if cfg.method == "transform" and cfg.transform != "predict":
+        aux["aggregated_test_accuracy"] = evaluate_aggregated(labeler, data, device)
+        if has_val:
+            aux["aggregated_val_accuracy"] = evaluate_aggregated(labeler, data, device, "val")
     wall = elapsed_before + time.perf_counter() - t_start
     return {
         "label": cfg.label,
@@ -370,7 +401,7 @@ def _results(
         "psi": list(data.psi),
         "num_parameters": sum(p.numel() for p in labeler.model_parameters()),
         "generator_parameters": sum(p.numel() for p in labeler.generator_parameters())
-        if cfg.method == "maxl"
+        if _learns(cfg)
         else 0,
         "aux": aux,
         "device": str(device),

@@ -2,11 +2,16 @@
 
 * :class:`GeneratedLabels`: MAXL's generated labels, trained by the meta-gradient;
 * :class:`FixedLabels`: labels given at each step (human, random, k-means);
+* :class:`TransformLabels`: labels from input transformations (rotations by default):
+  transform prediction and SLA's joint (class, transform) labels;
+* :class:`LearnedWeight`: a task's loss weight learned by the meta-gradient (Auto-lambda);
 * :class:`AuxiliaryTask`: the protocol, to write your own.
 """
 
 from .base import AuxiliaryTask, TaskContext, TaskPlan
 from .labels import GENERATORS, FixedLabels, GeneratedLabels
+from .transforms import Rotate, TransformLabels, rotations
+from .weighting import LearnedWeight
 
 __all__ = [
     "GENERATORS",
@@ -15,4 +20,8 @@ __all__ = [
     "GeneratedLabels",
     "TaskContext",
     "TaskPlan",
+    "LearnedWeight",
+    "Rotate",
+    "TransformLabels",
+    "rotations",
 ]

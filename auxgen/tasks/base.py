@@ -169,9 +169,32 @@ class AuxiliaryTask(nn.Module):
         """The number of primary classes the task was built for, if it says (``len(psi)``)."""
         return None
 
+    def extra_loss(
+        self, plan: TaskPlan, z_p: Tensor, z_views: Optional[Tensor], z: Tensor
+    ) -> Optional[Tensor]:
+        """A loss term beyond ``mean_r sum_k t_rk ell_rk``, already weighted (default none).
+
+        Args:
+            plan: this step's plan.
+            z_p: the primary logits of the batch.
+            z_views: the primary logits of the task's views (``None`` without views).
+            z: the task's head logits.
+        """
+        return None
+
     def regularizer(self, t: Tensor) -> Optional[Tensor]:
         """Extra terms of the meta objective of a learned task's targets (default none)."""
         return None
+
+    def meta_surrogate(self, d: Tensor, t: Tensor) -> Tensor:
+        """A scalar whose gradient with respect to :meth:`meta_parameters` is the meta-gradient.
+
+        The multi-task loss holds ``sum_rk c_rk ell_rk`` with ``c = weight * t / R``, and
+        ``d = dL_p(theta+) / dc`` (the directional derivative of ``ell`` along the
+        look-ahead). Default: ``sum(d * weight / R * t)``, for targets ``t`` that depend on
+        the meta-parameters (MAXL); a task whose weight is learned overrides it.
+        """
+        return ((d * (self.weight / t.shape[0])).to(t.dtype) * t).sum()
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the meta-gradient (default: all of a learned task's)."""

@@ -1,0 +1,296 @@
+r"""Auxiliary labels from input transformations: no labels beyond the primary ones.
+
+Each image is shown under ``K`` transforms (by default the four rotations by 0, 90, 180 and
+270 degrees) and the auxiliary head predicts which transform it sees:
+
+* ``form="predict"``: a ``K``-way head, transformation prediction as an auxiliary loss
+  (Gidaris et al., ICLR 2018; Hendrycks et al., NeurIPS 2019);
+* ``form="joint"``: a ``C * K``-way head over (class, transform) pairs, self-supervised label
+  augmentation (SLA; Lee, Hwang & Shin, ICML 2020). This is auxgen's hierarchy with
+  ``psi = K`` children per class: child ``k`` of class ``y`` is "``y`` seen under transform
+  ``k``";
+* ``form="both"``: both heads at once (one head with two softmax groups).
+
+The primary loss stays on the untransformed batch; the auxiliary head sees the ``K`` views
+(``views="all"``, about ``K`` times a plain step) or one random transform per image
+(``views="one"``, about twice). :meth:`TransformLabels.aggregated_log_probs` gives SLA's
+aggregated prediction (the mean over the views of the joint log-probability of the right
+transform), and ``distill=`` trains the primary head towards it (SLA+SD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AuxiliaryTask, TaskContext, TaskPlan, check_weight, widen
+
+__all__ = ["FORMS", "VIEWS", "Rotate", "TransformLabels", "rotations"]
+
+#: ``form=`` values of :class:`TransformLabels`.
+FORMS = ("joint", "predict", "both")
+#: ``views=`` values of :class:`TransformLabels`.
+VIEWS = ("all", "one")
+
+Transform = Optional[Callable[[Tensor], Tensor]]
+
+
+class Rotate:
+    """Rotate a batch of images by ``90 * k`` degrees (the last two dimensions); picklable."""
+
+    def __init__(self, k: int) -> None:
+        self.k = int(k)
+        self.__name__ = f"rot{90 * self.k}"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.rot90(x, self.k, dims=(-2, -1))
+
+    def __repr__(self) -> str:
+        return f"Rotate({self.k})"
+
+
+def rotations() -> tuple[list[Transform], list[str]]:
+    """The four image rotations: ``([None, rot90, rot180, rot270], names)``.
+
+    ``None`` is the identity (the batch itself, not recomputed). Rotations act on the last
+    two dimensions, so images must be square.
+
+    Example:
+        >>> transforms, names = rotations()
+        >>> names
+        ['rot0', 'rot90', 'rot180', 'rot270']
+        >>> transforms[1](torch.arange(4.0).view(1, 1, 2, 2)).flatten().tolist()
+        [1.0, 3.0, 0.0, 2.0]
+    """
+    return [None, Rotate(1), Rotate(2), Rotate(3)], ["rot0", "rot90", "rot180", "rot270"]
+
+
+class TransformLabels(AuxiliaryTask):
+    r"""Auxiliary targets made from ``K`` input transforms (rotations by default).
+
+    Args:
+        transforms: ``K >= 2`` batch-to-batch callables (``None`` for the identity), each
+            keeping the batch's shape and dtype: flips, colour permutations, a text or an
+            audio transform. Default: :func:`rotations`.
+        names: a name per transform (default: the callables' ``__name__``, ``"identity"``
+            for ``None``).
+        form: ``"joint"`` (SLA's (class, transform) labels, ``psi = K`` per class),
+            ``"predict"`` (a ``K``-way transform-prediction head) or ``"both"``.
+        views: ``"all"`` (every image under every transform: ``K`` views) or ``"one"``
+            (one transform per image, drawn uniformly at each step: about half the cost).
+        weight: weight of the auxiliary loss.
+        distill: weight of SLA's self-distillation term: ``KL(softmax(a / T) ||
+            softmax(z_p / T)) * T**2`` from the aggregated joint prediction ``a`` of the
+            batch (detached) to the primary logits ``z_p`` (needs ``views="all"`` and a
+            joint head). ``0`` (default) leaves it out.
+        distill_temperature: ``T`` of the distillation term.
+        primary_views: also take the primary loss on the transformed views (the mean over
+            them, added to the batch's): the transforms become data augmentation of the
+            primary task, instead of only an auxiliary task.
+
+    Attributes:
+        num_transforms: ``K``.
+        names: the transforms' names.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from auxgen import AuxiliaryLabeler, TransformLabels
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.ReLU(),
+        ...                       nn.Linear(8, 2))
+        >>> labeler = AuxiliaryLabeler(model, tasks=TransformLabels(form="both"))
+        >>> labeler.aux_head.out_features  # 2 classes x 4 rotations, then the 4 rotations
+        12
+        >>> opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1)
+        >>> out = labeler.step(torch.randn(5, 3, 4, 4), torch.tensor([0, 1, 1, 0, 1]), opt)
+        >>> out["task_losses"]["transform"].item() > 0
+        True
+    """
+
+    name = "transform"
+
+    def __init__(
+        self,
+        transforms: Optional[Sequence[Transform]] = None,
+        names: Optional[Sequence[str]] = None,
+        *,
+        form: str = "both",
+        views: str = "all",
+        weight: float = 1.0,
+        distill: float = 0.0,
+        distill_temperature: float = 1.0,
+        primary_views: bool = False,
+    ) -> None:
+        super().__init__(weight=weight)
+        if transforms is None:
+            transforms, default_names = rotations()
+            names = default_names if names is None else names
+        self.transforms, self.names = _check_transforms(transforms, names)
+        self.num_transforms = len(self.transforms)
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+        self.form, self.views = form, views
+        self.distill = check_weight("distill", distill)
+        if self.distill and (views != "all" or form == "predict"):
+            raise ValueError(
+                f"distill needs the aggregated joint prediction: views='all' and form='joint' "
+                f"or 'both', got views={views!r}, form={form!r}"
+            )
+        self.distill_temperature = check_weight("distill_temperature", distill_temperature)
+        if self.distill_temperature == 0:
+            raise ValueError("distill_temperature must be a positive number, got 0")
+        if not isinstance(primary_views, bool):
+            raise TypeError(f"primary_views must be a bool, got {type(primary_views).__name__}")
+        self.primary_views = primary_views
+        self.num_classes = 0
+
+    def setup(self, ctx: TaskContext) -> None:
+        self.num_classes = ctx.num_classes
+        k, c = self.num_transforms, ctx.num_classes
+        groups = {"joint": [c * k], "predict": [k], "both": [c * k, k]}[self.form]
+        self._set_outputs(groups)
+
+    # ---------------------------------------------------------------- the step
+    def plan(self, x: Tensor, y: Tensor, aux_target: Optional[Tensor]) -> TaskPlan:
+        n, k_all = x.shape[0], self.num_transforms
+        if self.views == "all":
+            ks = torch.arange(k_all, device=y.device).repeat_interleave(n)
+            y_rows = y.repeat(k_all)
+            made = [self._transform(i, x) for i in range(k_all) if self.transforms[i] is not None]
+            views = torch.cat(made) if made else None
+        else:
+            ks = torch.randint(k_all, (n,)).to(y.device)
+            y_rows = y
+            views = x.clone()
+            for i in range(k_all):
+                rows = (ks == i).nonzero().flatten().to(x.device)
+                if rows.numel() and self.transforms[i] is not None:
+                    views[rows] = self._transform(i, x[rows])
+        return TaskPlan(views=views, targets=self._targets(y_rows, ks), info=y_rows)
+
+    def _transform(self, i: int, x: Tensor) -> Tensor:
+        fn = self.transforms[i]
+        assert fn is not None
+        out = fn(x)
+        what = f"transforms[{i}] ({self.names[i]!r})"
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{what} must return a Tensor, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(
+                f"{what} returned shape {tuple(out.shape)} for a batch of shape "
+                f"{tuple(x.shape)}: every transform must keep the batch's shape (rotations "
+                "need square images)"
+            )
+        if out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"{what} returned {out.dtype} on {out.device} for a batch of {x.dtype} on "
+                f"{x.device}: every transform must keep the batch's dtype and device"
+            )
+        return out
+
+    def _targets(self, y_rows: Tensor, ks: Tensor) -> Tensor:
+        k_all = self.num_transforms
+        parts = []
+        if self.form in ("joint", "both"):
+            parts.append(F.one_hot(y_rows * k_all + ks, self.num_classes * k_all))
+        if self.form in ("predict", "both"):
+            parts.append(F.one_hot(ks, k_all))
+        return torch.cat(parts, dim=1).float()
+
+    def head_input(self, plan: TaskPlan, h: Tensor, h_views: Optional[Tensor]) -> Tensor:
+        if self.views == "one":
+            assert h_views is not None
+            return h_views
+        n, chunks, at = h.shape[0], [], 0
+        for fn in self.transforms:
+            if fn is None:
+                chunks.append(h)
+            else:
+                assert h_views is not None
+                chunks.append(h_views[at : at + n])
+                at += n
+        return torch.cat(chunks)
+
+    def extra_loss(
+        self, plan: TaskPlan, z_p: Tensor, z_views: Optional[Tensor], z: Tensor
+    ) -> Optional[Tensor]:
+        loss: Optional[Tensor] = None
+        if self.primary_views and z_views is not None:
+            n, labels = z_p.shape[0], plan.info  # the primary label of every head row
+            keep = [i for i, fn in enumerate(self.transforms) if fn is not None]
+            rows = labels if self.views == "one" else labels.view(-1, n)[keep].flatten()
+            loss = F.cross_entropy(widen(z_views), rows)
+        if self.distill:
+            t = self.distill_temperature
+            agg = self._aggregate(z.detach(), z_p.shape[0]) / t
+            kl = F.kl_div(
+                F.log_softmax(widen(z_p) / t, 1), F.log_softmax(agg, 1), reduction="batchmean",
+                log_target=True,
+            )  # fmt: skip
+            term = self.distill * kl * t**2
+            loss = term if loss is None else loss + term
+        return loss
+
+    # ---------------------------------------------------------------- inference
+    def _aggregate(self, z: Tensor, n: int) -> Tensor:
+        """``(n, C)``: mean over the views of the joint log-probability of ``(c, k)``."""
+        k_all, c = self.num_transforms, self.num_classes
+        joint = F.log_softmax(widen(z[:, : c * k_all]), dim=1).view(k_all, n, c, k_all)
+        return torch.stack([joint[i, :, :, i] for i in range(k_all)]).mean(0)
+
+    def aggregated_log_probs(
+        self, features: Callable[[Tensor], Tensor], head: nn.Module, x: Tensor
+    ) -> Tensor:
+        """SLA's aggregated prediction ``(N, C)`` of a batch: its argmax is the class.
+
+        Args:
+            features: maps a batch to the classifier's input features (the labeler's
+                ``features(x)[1]``).
+            head: this task's auxiliary head.
+            x: the batch.
+        """
+        if self.form == "predict":
+            raise ValueError("aggregated_log_probs needs a joint head (form='joint' or 'both')")
+        n = x.shape[0]
+        views = [x if fn is None else self._transform(i, x) for i, fn in enumerate(self.transforms)]
+        return self._aggregate(head(features(torch.cat(views))), n)
+
+    def extra_repr(self) -> str:
+        return (
+            f"names={self.names}, form={self.form!r}, views={self.views!r}, "
+            f"weight={self.weight}, distill={self.distill}, primary_views={self.primary_views}"
+        )
+
+
+def _check_transforms(
+    transforms: Sequence[Transform], names: Optional[Sequence[str]]
+) -> tuple[list[Transform], list[str]]:
+    if not isinstance(transforms, Sequence) or isinstance(transforms, (str, bytes)):
+        raise TypeError(
+            f"transforms must be a sequence of callables (None for the identity), got "
+            f"{type(transforms).__name__}"
+        )
+    if len(transforms) < 2:
+        raise ValueError(
+            f"transforms must hold at least 2 transforms (K >= 2), got {len(transforms)}"
+        )
+    for i, fn in enumerate(transforms):
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"transforms[{i}] must be a callable batch -> batch or None (the identity), "
+                f"got {type(fn).__name__}"
+            )
+    if names is None:
+        names = [
+            "identity" if fn is None else getattr(fn, "__name__", f"t{i}")
+            for i, fn in enumerate(transforms)
+        ]
+    names = list(names)
+    if len(names) != len(transforms) or not all(isinstance(s, str) for s in names):
+        raise ValueError(f"names must be one str per transform ({len(transforms)}), got {names!r}")
+    return list(transforms), names

@@ -1,0 +1,300 @@
+"""``TransformLabels``: targets, losses and gradients against a hand computation; several
+tasks at once with the meta-gradient checked against an independent double backward; errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auxgen import (
+    AuxiliaryLabeler,
+    GeneratedLabels,
+    LearnedWeight,
+    TransformLabels,
+    rotations,
+)
+from auxgen.hierarchy import masked_softmax
+from auxgen.losses import neg_entropy
+
+N, C, K = 6, 3, 4
+
+
+def _model(bn: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(3 * 4 * 4, 5)]
+    if bn:
+        layers.append(nn.BatchNorm1d(5))
+    layers += [nn.Tanh(), nn.Linear(5, C)]
+    return nn.Sequential(*layers).double()
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, 3, 4, 4, generator=g, dtype=torch.float64), torch.arange(N) % C
+
+
+def _rot(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(2, 3))
+
+
+def _hand_loss(params: dict, x, y, views, ks, form, weight):
+    """The multi-task loss written out: primary CE on x, joint and/or rotation CE on views."""
+    h_views = torch.tanh(views.flatten(1) @ params["1.weight"].T + params["1.bias"])
+    h = torch.tanh(x.flatten(1) @ params["1.weight"].T + params["1.bias"])
+    z_p = h @ params["3.weight"].T + params["3.bias"]
+    a = h_views @ params["head.weight"].T + params["head.bias"]
+    primary = F.cross_entropy(z_p, y)
+    y_rows = y.repeat(len(views) // len(y)) if len(views) != len(y) else y
+    aux = 0.0
+    if form in ("joint", "both"):
+        aux = aux + F.cross_entropy(a[:, : C * K], y_rows * K + ks)
+    if form in ("predict", "both"):
+        aux = aux + F.cross_entropy(a[:, -K:], ks)
+    return primary + weight * aux, primary, aux
+
+
+def _params(lab: AuxiliaryLabeler) -> dict:
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in lab.model.named_parameters()}
+    p["head.weight"] = lab.aux_head.weight.detach().clone().requires_grad_(True)
+    p["head.bias"] = lab.aux_head.bias.detach().clone().requires_grad_(True)
+    return p
+
+
+@pytest.mark.parametrize("form", ["joint", "predict", "both"])
+def test_all_views_losses_and_gradients_equal_a_hand_computation(form: str) -> None:
+    lab = AuxiliaryLabeler(_model(), tasks=TransformLabels(form=form, weight=0.7)).double()
+    assert lab.aux_head.out_features == {"joint": C * K, "predict": K, "both": C * K + K}[form]
+    x, y = _batch()
+    params = _params(lab)
+    views = torch.cat([_rot(x, k) for k in range(K)])
+    ks = torch.arange(K).repeat_interleave(N)
+    loss, primary, aux = _hand_loss(params, x, y, views, ks, form, 0.7)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    lr = 0.1
+    opt = torch.optim.SGD(lab.model_parameters(), lr=lr)
+    out = lab.step(x, y, opt)
+    torch.testing.assert_close(out["loss"], loss.detach())
+    torch.testing.assert_close(out["primary_loss"], primary.detach())
+    torch.testing.assert_close(out["task_losses"]["transform"], aux.detach())
+    assert out["meta_loss"] is None and not out["meta_updated"]
+    after = dict(lab.model.named_parameters())
+    after["head.weight"], after["head.bias"] = lab.aux_head.weight, lab.aux_head.bias
+    for name, p in params.items():
+        torch.testing.assert_close(after[name], p.detach() - lr * grads[name], msg=name)
+
+
+def test_one_view_per_image_draws_the_transform_and_its_target_together() -> None:
+    lab = AuxiliaryLabeler(_model(), tasks=TransformLabels(views="one", form="both")).double()
+    x, y = _batch(1)
+    torch.manual_seed(5)
+    ks = torch.randint(K, (N,))
+    views = torch.stack([_rot(x[i : i + 1], int(k))[0] for i, k in enumerate(ks)])
+    loss, _, aux = _hand_loss(_params(lab), x, y, views, ks, "both", 1.0)
+    torch.manual_seed(5)
+    out = lab.step(x, y, torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    torch.testing.assert_close(out["loss"], loss.detach())
+    torch.testing.assert_close(out["task_losses"]["transform"], aux.detach())
+
+
+def test_batchnorm_statistics_move_once_over_the_batch_and_its_views() -> None:
+    lab = AuxiliaryLabeler(_model(bn=True), tasks=TransformLabels()).double()
+    reference = copy.deepcopy(lab.model)
+    x, y = _batch()
+    reference(torch.cat([x] + [_rot(x, k) for k in (1, 2, 3)]))  # one training forward
+    lab.step(x, y, torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    for (name, b), (_, rb) in zip(lab.model.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(b, rb, rtol=0, atol=0, msg=name)
+
+
+def test_primary_loss_on_views_adds_the_mean_over_the_transformed_views() -> None:
+    lab = AuxiliaryLabeler(_model(), tasks=TransformLabels(form="predict", primary_views=True))
+    lab = lab.double()
+    x, y = _batch()
+    p = _params(lab)
+    views = torch.cat([_rot(x, k) for k in range(K)])
+    loss, _, _ = _hand_loss(p, x, y, views, torch.arange(K).repeat_interleave(N), "predict", 1.0)
+    h = torch.tanh(views[N:].flatten(1) @ p["1.weight"].T + p["1.bias"])
+    loss = loss + F.cross_entropy(h @ p["3.weight"].T + p["3.bias"], y.repeat(K - 1))
+    out = lab.step(x, y, torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    torch.testing.assert_close(out["loss"], loss.detach())
+
+
+def test_aggregated_prediction_and_distillation() -> None:
+    task = TransformLabels(form="joint", distill=0.5, distill_temperature=2.0)
+    lab = AuxiliaryLabeler(_model(), tasks=task).double().eval()
+    x, y = _batch()
+    p = _params(lab)
+    views = torch.cat([_rot(x, k) for k in range(K)])
+    h = torch.tanh(views.flatten(1) @ p["1.weight"].T + p["1.bias"])
+    joint = F.log_softmax(h @ p["head.weight"].T + p["head.bias"], 1).view(K, N, C, K)
+    agg = torch.stack([joint[k, :, :, k] for k in range(K)]).mean(0)
+    torch.testing.assert_close(lab.aggregated_log_probs(x), agg.detach())
+    loss, _, _ = _hand_loss(p, x, y, views, torch.arange(K).repeat_interleave(N), "joint", 1.0)
+    z_p = torch.tanh(x.flatten(1) @ p["1.weight"].T + p["1.bias"]) @ p["3.weight"].T + p["3.bias"]
+    target = F.softmax(agg.detach() / 2.0, 1)
+    kl = (target * (target.log() - F.log_softmax(z_p / 2.0, 1))).sum(1).mean()
+    lab.train()
+    out = lab.step(x, y, torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    torch.testing.assert_close(out["loss"], (loss + 0.5 * 4.0 * kl).detach())
+
+
+def test_custom_transforms_on_token_ids() -> None:
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.order = nn.Linear(6 * 5, 6)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.order(self.emb(t).flatten(1))))
+
+    def reverse(t: torch.Tensor) -> torch.Tensor:
+        return t.flip(1)
+
+    task = TransformLabels([None, reverse], form="predict")
+    assert task.names == ["identity", "reverse"]
+    lab = AuxiliaryLabeler(Bag(), tasks=task)
+    x = torch.randint(0, 20, (8, 5))
+    out = lab.step(x, torch.arange(8) % 2, torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    assert torch.isfinite(out["loss"]) and lab.aux_head.out_features == 2
+
+
+def test_rotations_helper() -> None:
+    transforms, names = rotations()
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert transforms[0] is None and names[2] == "rot180"
+    assert torch.equal(transforms[2](x), x.flip(2).flip(3))
+
+
+# ------------------------------------------------------------------ several tasks, meta
+def test_generated_labels_beside_transforms_meta_gradient_equals_double_backward() -> None:
+    model = _model()
+    torch.manual_seed(1)
+    gen = nn.Sequential(nn.Flatten(), nn.Linear(48, 2 * C)).double()
+    maxl = GeneratedLabels([2] * C, generator=gen, entropy_weight=0.3, weight=0.8)
+    lab = AuxiliaryLabeler(model, tasks=[TransformLabels(form="predict", weight=0.6), maxl])
+    lab = lab.double()
+    x, y = _batch(2)
+    p = _params(lab)  # the transform head
+    w_m = lab.aux_heads[1].weight.detach().clone().requires_grad_(True)
+    b_m = lab.aux_heads[1].bias.detach().clone().requires_grad_(True)
+    phi = [q.detach().clone().requires_grad_(True) for q in gen.parameters()]
+    t = masked_softmax(x.flatten(1) @ phi[0].T + phi[1], y, maxl.owner)
+    views = torch.cat([_rot(x, k) for k in range(K)])
+    loss, _, _ = _hand_loss(p, x, y, views, torch.arange(K).repeat_interleave(N), "predict", 0.6)
+    h = torch.tanh(x.flatten(1) @ p["1.weight"].T + p["1.bias"])
+    ell = -F.log_softmax(h @ w_m.T + b_m, 1)
+    loss = loss + 0.8 * (t * ell).sum(1).mean()
+    theta = [p["1.weight"], p["1.bias"], p["3.weight"], p["3.bias"]]
+    grads = torch.autograd.grad(loss, theta, create_graph=True)
+    lr = 0.2
+    w1, b1, w3, b3 = (q - lr * g for q, g in zip(theta, grads))
+    lp_plus = F.cross_entropy(torch.tanh(x.flatten(1) @ w1.T + b1) @ w3.T + b3, y)
+    meta = lp_plus + 0.3 * neg_entropy(t)
+    want = torch.autograd.grad(meta, phi)
+    opt = torch.optim.SGD(lab.model_parameters(), lr=lr)
+    out = lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=1.0))
+    assert out["meta_updated"] and set(out["task_losses"]) == {"transform", "maxl"}
+    torch.testing.assert_close(out["meta_loss"], meta.detach())
+    for got, exp in zip(lab.generator_parameters(), want):
+        torch.testing.assert_close(got.grad, exp)
+
+
+def test_learned_weight_meta_gradient_equals_double_backward() -> None:
+    task = LearnedWeight(TransformLabels(form="both", weight=0.5))
+    lab = AuxiliaryLabeler(_model(), tasks=task).double()
+    x, y = _batch(3)
+    p = _params(lab)
+    s = torch.tensor(0.5, dtype=torch.float64).log().requires_grad_(True)
+    views = torch.cat([_rot(x, k) for k in range(K)])
+    ks = torch.arange(K).repeat_interleave(N)
+    _, primary, aux = _hand_loss(p, x, y, views, ks, "both", 1.0)
+    theta = [p["1.weight"], p["1.bias"], p["3.weight"], p["3.bias"]]
+    grads = torch.autograd.grad(primary + s.exp() * aux, theta, create_graph=True)
+    lr = 0.3
+    w1, b1, w3, b3 = (q - lr * g for q, g in zip(theta, grads))
+    lp_plus = F.cross_entropy(torch.tanh(x.flatten(1) @ w1.T + b1) @ w3.T + b3, y)
+    (want,) = torch.autograd.grad(lp_plus, s)
+    opt = torch.optim.SGD(lab.model_parameters(), lr=lr)
+    out = lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=1.0))
+    assert out["meta_updated"]
+    torch.testing.assert_close(out["meta_loss"], lp_plus.detach())
+    torch.testing.assert_close(task.log_weight.grad, want.to(task.log_weight.dtype))
+    assert task.weight == pytest.approx(float((s - want).exp().detach()))
+
+
+def test_state_dict_round_trip_and_checkpoint_keys() -> None:
+    def build(seed: int) -> AuxiliaryLabeler:
+        torch.manual_seed(seed)
+        tasks = [LearnedWeight(TransformLabels(form="predict")), GeneratedLabels([2] * C)]
+        return AuxiliaryLabeler(_model(bn=True), tasks=tasks).double()
+
+    lab = build(0)
+    x, y = _batch()
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=0.1))
+    state = lab.state_dict()
+    assert {"tasks.0.log_weight", "aux_heads.1.weight", "tasks.1.owner"} <= set(state)
+    other = build(1)
+    other.load_state_dict(state)
+    lab.eval(), other.eval()
+    assert torch.equal(other(x), lab(x))
+    assert other.tasks[0].weight == lab.tasks[0].weight
+
+
+# ------------------------------------------------------------------------------ errors
+def test_constructor_errors() -> None:
+    with pytest.raises(ValueError, match=r"at least 2 transforms \(K >= 2\), got 1"):
+        TransformLabels([None])
+    with pytest.raises(TypeError, match=r"transforms\[1\] must be a callable .* got int"):
+        TransformLabels([None, 3])
+    with pytest.raises(TypeError, match="transforms must be a sequence of callables"):
+        TransformLabels(torch.flip)
+    with pytest.raises(ValueError, match=r"names must be one str per transform \(2\)"):
+        TransformLabels([None, torch.neg], names=["a"])
+    with pytest.raises(ValueError, match=r"form must be one of \('joint', 'predict', 'both'\)"):
+        TransformLabels(form="pairs")
+    with pytest.raises(ValueError, match=r"views must be one of \('all', 'one'\), got 'two'"):
+        TransformLabels(views="two")
+    with pytest.raises(ValueError, match="distill needs the aggregated joint prediction"):
+        TransformLabels(form="predict", distill=1.0)
+    with pytest.raises(ValueError, match="weight must be a non-negative number, got -1"):
+        TransformLabels(weight=-1)
+    with pytest.raises(ValueError, match="task must have fixed targets"):
+        LearnedWeight(GeneratedLabels(2))
+    with pytest.raises(ValueError, match="pass psi= or tasks=, not both"):
+        AuxiliaryLabeler(_model(), psi=2, tasks=TransformLabels())
+    with pytest.raises(TypeError, match=r"tasks\[1\] must be an AuxiliaryTask, got str"):
+        AuxiliaryLabeler(_model(), tasks=[TransformLabels(), "rotation"])
+
+
+def test_bad_transform_outputs_are_clear_errors() -> None:
+    lab = AuxiliaryLabeler(
+        nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 6, 5), nn.Tanh(), nn.Linear(5, C)),
+        tasks=TransformLabels(),
+    )
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    x, y = torch.randn(N, 3, 4, 6), torch.arange(N) % C
+    with pytest.raises(ValueError, match=r"transforms\[1\] \('rot90'\) returned shape \(6, 3, 6, "
+                       r"4\) for a batch of shape \(6, 3, 4, 6\)"):  # fmt: skip
+        lab.step(x, y, opt)
+
+    def to_double(t: torch.Tensor) -> torch.Tensor:
+        return t.double()
+
+    lab = AuxiliaryLabeler(_model().float(), tasks=TransformLabels([None, to_double]))
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    x = torch.randn(N, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"transforms\[1\] \('to_double'\) returned torch.float64"):
+        lab.step(x, y, opt)
+    lab = AuxiliaryLabeler(_model().float(), tasks=TransformLabels([None, lambda t: [t]]))
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"transforms\[1\] \('<lambda>'\) must return a Tensor"):
+        lab.step(x, y, opt)
+    with pytest.raises(ValueError, match="aux_target was given but no task takes"):
+        lab.step(x, y, opt, aux_target=y)
