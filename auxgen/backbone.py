@@ -20,7 +20,7 @@ a tuple (torchvision GoogLeNet/Inception in training mode return named tuples).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ __all__ = [
     "classifier_out_features",
     "feature_dim_of",
     "find_classifier",
+    "num_classes_of",
     "primary_logits",
     "replace_module",
 ]
@@ -326,3 +327,33 @@ class FeatureTap:
                 f"{self.feature_dim}"
             )
         return out, h
+
+
+def num_classes_of(
+    name: str,
+    classifier: nn.Module,
+    num_classes: Optional[int],
+    hints: Sequence[Optional[int]] = (),
+) -> int:
+    """The number of primary classes: ``num_classes=`` (checked against the classifier), else
+    the classifier's outputs, else the first of ``hints`` (the tasks' ``len(psi)``).
+
+    Example:
+        >>> num_classes_of("fc", nn.Linear(4, 3), None)
+        3
+    """
+    out_features = classifier_out_features(classifier)
+    if num_classes is not None and out_features is not None and out_features != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} does not match the classifier '{name}' "
+            f"({out_features} outputs)"
+        )
+    found = num_classes if num_classes is not None else out_features
+    for hint in hints:
+        found = found if found is not None else hint
+    if found is None:
+        raise ValueError(
+            f"cannot tell the number of primary classes from the classifier '{name}': pass "
+            "num_classes="
+        )
+    return int(found)

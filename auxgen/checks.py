@@ -3,12 +3,22 @@ and the value, instead of a deep stack trace or silent garbage."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_meta_batch", "check_choice", "check_positive_int"]
+from .mirror import check_optimizer, is_mirrored
+
+__all__ = [
+    "check_batch",
+    "check_meta_batch",
+    "check_choice",
+    "check_optimizers",
+    "check_positive_int",
+]
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -93,3 +103,34 @@ def check_meta_batch(
             f"got {tuple(x_m.shape[1:])}"
         )
     return x_m, y_m
+
+
+def check_optimizers(
+    optimizer: Any,
+    gen_optimizer: Any,
+    model_parameters: Sequence[Tensor],
+    generator_parameters: Sequence[Tensor],
+    lookahead: str,
+    warned: set[type],
+) -> None:
+    """The step's optimisers: supported (see :func:`auxgen.mirror.check_optimizer`) and over
+    the right parameters; warns once per optimiser type approximated by ``lookahead="sgd"``
+    (the types already warned about are in ``warned``)."""
+    check_optimizer(
+        optimizer, model_parameters, argname="optimizer", owner="model_parameters()",
+        mirrored=True, lookahead=lookahead,
+    )  # fmt: skip
+    if not is_mirrored(optimizer) and type(optimizer) not in warned:
+        warned.add(type(optimizer))
+        warnings.warn(
+            f"{type(optimizer).__name__} is not mirrored exactly: the meta-gradient's "
+            "look-ahead is plain SGD at each group's current learning rate "
+            '(lookahead="sgd", the MAXL paper\'s approximation)',
+            UserWarning,
+            stacklevel=3,  # the user's labeler.step(...) call
+        )
+    if gen_optimizer is not None:
+        check_optimizer(
+            gen_optimizer, generator_parameters, argname="gen_optimizer",
+            owner="generator_parameters()", mirrored=False,
+        )  # fmt: skip

@@ -510,6 +510,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .experiments.runtime import missing_extras
+
+    missing = missing_extras()
+    if missing:
+        print(
+            f"auxgen: error: the command line needs the 'experiments' extra ({', '.join(missing)}"
+            " missing): pip install 'auxgen[experiments]'",
+            file=sys.stderr,
+        )
+        return 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
         level=level,

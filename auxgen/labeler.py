@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -13,16 +12,22 @@ from .backbone import (
     FeatureTap,
     OutputSpec,
     check_output_spec,
-    classifier_out_features,
     feature_dim_of,
     find_classifier,
+    num_classes_of,
     primary_logits,
 )
-from .checks import check_batch, check_choice, check_meta_batch, check_positive_int
+from .checks import (
+    check_batch,
+    check_choice,
+    check_meta_batch,
+    check_optimizers,
+    check_positive_int,
+)
 from .distributed import Ranks, check_sync_batchnorm
 from .losses import LOSSES
 from .meta import META_MODES, JVPPlan
-from .mirror import LOOKAHEADS, check_optimizer, is_mirrored
+from .mirror import LOOKAHEADS
 from .step import NonFiniteError, StepParts, training_step
 from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels
 
@@ -53,40 +58,31 @@ class AuxiliaryLabeler(nn.Module):
         num_classes: number of primary classes, checked against the classifier.
         loss: ``"ce"`` (default; cross-entropy and soft-label cross-entropy) or ``"focal"``
             (the MAXL paper's focal loss, ``gamma=focal_gamma``), for every loss.
-        feature_dim: width (channels) of the classifier's input, when it cannot be inferred
-            (from the first ``Linear``/convolution in the classifier, or timm's
-            ``head_hidden_size`` / ``num_features``). A feature map ``(N, C, H, W)`` (a
-            convolutional classifier such as SqueezeNet's) is average-pooled globally.
+        feature_dim: width of the classifier's input, when it cannot be inferred (a feature
+            map ``(N, C, H, W)`` is average-pooled globally).
         classifier: the classifier submodule or its qualified name, to override detection.
-        output: how to find the primary logits when the model does not return a tensor:
-            ``None`` (a ``logits`` attribute or key, else the first element of a tuple), a
-            key or attribute name, a tuple index, or a callable.
-        meta: ``"second_order"`` (default: the exact meta-gradient; forward-mode JVP, or a
-            double-backward JVP where an op has no forward-AD formula, chosen at the first
-            meta step and reported by :attr:`meta_mode_used`; only where neither exists,
-            ``"first_order"`` with a warning), ``"first_order"`` (finite-difference JVP), or
-            ``"forward_ad"`` / ``"double_backward"`` to force one exact implementation.
+        output: where the primary logits are when the model does not return a tensor (a
+            key, an index or a callable; see :func:`auxgen.backbone.primary_logits`).
+        meta: ``"second_order"`` (default: the exact meta-gradient, by forward-mode or
+            double-backward JVP, chosen at the first meta step: :attr:`meta_mode_used`),
+            ``"first_order"`` (finite-difference JVP), or ``"forward_ad"`` /
+            ``"double_backward"`` to force one (see docs/method.md).
         meta_every: update the learned tasks every ``meta_every``-th step (amortised MAXL).
         focal_gamma: focusing parameter of the focal loss.
         fd_eps: relative step of ``first_order``'s finite difference (default
             ``sqrt(machine eps)``).
-        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` when a loss or
-            gradient is not finite; ``"skip"`` skips the step and reports ``skipped=1``.
-            Either way no parameter, buffer or optimiser state changes.
-        distributed: average gradients across ``torch.distributed`` ranks in :meth:`step`
-            (``None``: whenever a process group with world size > 1 exists; ``False``: never).
+        nonfinite: ``"raise"`` (default: :class:`NonFiniteError`) or ``"skip"`` (report
+            ``skipped=1``) on a non-finite loss or gradient; nothing changes either way.
+        distributed: average gradients across ``torch.distributed`` ranks (``None``: when a
+            process group of several ranks exists; ``False``: never).
         process_group: the process group to average over (default: the world).
-        lookahead: ``"exact"`` (default): the meta-gradient's look-ahead mirrors the
-            optimiser exactly (:data:`~auxgen.SUPPORTED_OPTIMIZERS`; others raise
-            ``TypeError``); ``"sgd"``: other optimisers are approximated by plain SGD at each
-            group's current learning rate (the paper's approximation), with one warning.
-        diagnostics: report in :meth:`step`'s output ``grad_cosine``, the cosine between the
-            primary-loss and the auxiliary-loss gradients on the shared parameters (the
-            model's, less its classifier), at the cost of one extra backward per step.
-        buffers: how buffers (BatchNorm statistics) agree across ranks after each step:
-            ``"broadcast"`` (default, as ``DistributedDataParallel``), ``"average"`` or
-            ``"local"`` (see :class:`auxgen.distributed.Ranks`). A model holding
-            ``nn.SyncBatchNorm`` must run on GPUs inside a process group.
+        lookahead: ``"exact"`` (default): the look-ahead mirrors the optimiser exactly
+            (:data:`~auxgen.SUPPORTED_OPTIMIZERS`); ``"sgd"``: others are approximated by
+            plain SGD at each group's learning rate (the paper's approximation).
+        diagnostics: report ``grad_cosine``, the cosine between the primary and auxiliary
+            gradients on the shared parameters (one extra backward per step).
+        buffers: how buffers agree across ranks after a step: ``"broadcast"`` (default, as
+            ``DistributedDataParallel``), ``"average"`` or ``"local"`` (docs/distributed.md).
 
     Attributes:
         model: the wrapped classifier, unchanged (``labeler(x)`` is ``model(x)``).
@@ -153,7 +149,9 @@ class AuxiliaryLabeler(nn.Module):
         self.output = check_output_spec(output)
         task_list = _task_list(psi, tasks)
         self.classifier_name, cls_module = find_classifier(model, classifier)
-        self.num_classes = _num_classes(self.classifier_name, cls_module, num_classes, task_list)
+        self.num_classes = num_classes_of(
+            self.classifier_name, cls_module, num_classes, [t.class_count() for t in task_list]
+        )
         self.feature_dim = feature_dim_of(model, cls_module, feature_dim)
         ref = next(model.parameters(), None)
         factory = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
@@ -192,16 +190,6 @@ class AuxiliaryLabeler(nn.Module):
     def generator(self) -> nn.Module:
         """The label-generation network of the first :class:`~auxgen.GeneratedLabels`."""
         return self._first(GeneratedLabels, "generated-label").generator
-
-    @property
-    def psi(self) -> tuple[int, ...]:
-        """``psi`` of the first task that has a hierarchy of auxiliary classes."""
-        return self._hierarchy().psi
-
-    @property
-    def num_aux(self) -> int:
-        """``sum(psi)`` of the first task that has a hierarchy of auxiliary classes."""
-        return self._hierarchy().num_aux
 
     @property
     def owner(self) -> Tensor:
@@ -289,46 +277,43 @@ class AuxiliaryLabeler(nn.Module):
     ) -> dict[str, Any]:
         """One MAXL training step: the multi-task network and the learned tasks (if any).
 
-        One forward of the model on the batch and on every task's views (BatchNorm
-        statistics move exactly as in one ordinary training forward), the primary loss on
-        the batch, each task's weighted loss, and ``optimizer``'s step on the gradient;
-        on a meta step (``gen_optimizer`` given, every ``meta_every``-th step), the exact
-        meta-gradient of the learned tasks through one differentiable step of
-        ``optimizer`` and ``gen_optimizer``'s step on it. The previous ``.grad`` of the
-        stepped parameters is released at the start; after the step ``.grad`` holds this
-        step's gradients, and after a skipped or failed step it is ``None``.
+        One forward of the model on the batch and every task's views (BatchNorm statistics
+        move as in one ordinary training forward), the primary loss on the batch plus each
+        task's weighted loss, and ``optimizer``'s step; on a meta step (``gen_optimizer``
+        given, every ``meta_every``-th step) also the exact meta-gradient of the learned
+        tasks through one differentiable step of ``optimizer``, and ``gen_optimizer``'s step.
+        ``.grad`` holds this step's gradients afterwards (``None`` after a skipped step).
 
         Args:
             x: input batch.
             y: ``(batch,)`` primary labels in ``[0, num_classes)``.
             optimizer: one of :data:`~auxgen.SUPPORTED_OPTIMIZERS` (any optimiser with
-                ``lookahead="sgd"``) over :meth:`model_parameters` (or a subset: the others
-                stay fixed).
+                ``lookahead="sgd"``) over :meth:`model_parameters` or a subset of them.
             gen_optimizer: optimiser over :meth:`generator_parameters`; ``None`` keeps the
                 learned tasks fixed.
             aux_target: fixed auxiliary labels for the tasks that take them
-                (:class:`~auxgen.FixedLabels`, and :class:`~auxgen.GeneratedLabels` instead
-                of its generated ones): ``(batch,)`` auxiliary class indices or
-                ``(batch, sum(psi))`` soft labels. Disables the meta step.
-            meta_batch: ``(x_m, y_m)``, a batch on which the meta loss (the primary loss
-                after the look-ahead step) is measured instead of ``(x, y)``: the next
-                training batch, or a batch of a held-out split (as in AuxiLearn). The
-                look-ahead step itself is still taken on ``(x, y)``.
+                (:class:`~auxgen.FixedLabels`; :class:`~auxgen.GeneratedLabels` then uses
+                them instead of its own and skips the meta step): ``(batch,)`` auxiliary
+                class indices or ``(batch, sum(psi))`` soft labels.
+            meta_batch: ``(x_m, y_m)``: measure the meta loss (the primary loss after the
+                look-ahead) on this batch instead of ``(x, y)`` (the next training batch, or
+                a held-out batch as in AuxiLearn).
 
         Returns:
-            A dict with ``loss``, ``primary_loss``, ``aux_loss`` (the sum of the tasks'
-            unweighted losses), ``task_losses`` (each task's, by name), ``meta_loss``
-            (``None`` without a meta update), ``logits`` (detached primary logits of the
-            batch), ``meta_updated``, ``meta_mode`` (:attr:`meta_mode_used` on a meta step)
-            and ``skipped`` (1 when a non-finite step was skipped); with
-            ``diagnostics=True`` also ``grad_cosine``.
+            ``loss``, ``primary_loss``, ``aux_loss`` (the tasks' unweighted losses summed),
+            ``task_losses`` (by task name), ``meta_loss`` (``None`` without a meta update),
+            ``logits`` (the batch's, detached), ``meta_updated``, ``meta_mode`` and
+            ``skipped``; with ``diagnostics=True`` also ``grad_cosine``.
 
         Raises:
             NonFiniteError: on a non-finite loss or gradient with ``nonfinite="raise"``.
         """
         x, y = self._check_batch(x, y)
         meta_xy = check_meta_batch(meta_batch, x, self.num_classes, self._device(), self._what())
-        self._check_optimizers(optimizer, gen_optimizer)
+        check_optimizers(
+            optimizer, gen_optimizer, self.model_parameters(), self.generator_parameters(),
+            self.lookahead, self._approximated,
+        )  # fmt: skip
         if aux_target is not None and not any(t.takes_aux_target for t in self.tasks):
             raise ValueError("aux_target was given but no task takes auxiliary labels")
         do_meta = (
@@ -365,28 +350,6 @@ class AuxiliaryLabeler(nn.Module):
 
     def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
         return check_batch(x, y, self.num_classes, self._device(), self._what())
-
-    def _check_optimizers(
-        self, optimizer: Any, gen_optimizer: Optional[torch.optim.Optimizer]
-    ) -> None:
-        check_optimizer(
-            optimizer, self.model_parameters(), argname="optimizer", owner="model_parameters()",
-            mirrored=True, lookahead=self.lookahead,
-        )  # fmt: skip
-        if not is_mirrored(optimizer) and type(optimizer) not in self._approximated:
-            self._approximated.add(type(optimizer))
-            warnings.warn(
-                f"{type(optimizer).__name__} is not mirrored exactly: the meta-gradient's "
-                "look-ahead is plain SGD at each group's current learning rate "
-                '(lookahead="sgd", the MAXL paper\'s approximation)',
-                UserWarning,
-                stacklevel=3,
-            )
-        if gen_optimizer is not None:
-            check_optimizer(
-                gen_optimizer, self.generator_parameters(), argname="gen_optimizer",
-                owner="generator_parameters()", mirrored=False,
-            )  # fmt: skip
 
     # ------------------------------------------------------------- distributed
     def broadcast_state(self, src: Optional[int] = None) -> None:
@@ -460,23 +423,3 @@ def _task_list(psi: Any, tasks: Tasks) -> list[AuxiliaryTask]:
         if task.num_outputs:
             raise ValueError(f"tasks[{i}] ({type(task).__name__}) is already attached")
     return task_list
-
-
-def _num_classes(
-    name: str, classifier: nn.Module, num_classes: Optional[int], tasks: list[AuxiliaryTask]
-) -> int:
-    out_features = classifier_out_features(classifier)
-    if num_classes is not None and out_features is not None and out_features != num_classes:
-        raise ValueError(
-            f"num_classes={num_classes} does not match the classifier '{name}' "
-            f"({out_features} outputs)"
-        )
-    found = num_classes if num_classes is not None else out_features
-    for task in tasks:
-        found = found if found is not None else task.class_count()
-    if found is None:
-        raise ValueError(
-            f"cannot tell the number of primary classes from the classifier '{name}': pass "
-            "num_classes="
-        )
-    return int(found)

@@ -209,7 +209,7 @@ def regime_config(regime: str, method: str, seed: int, data_dir: str) -> Any:
 def _current_labels(run: Any, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     """The run's labels of the batch: one-hot fixed labels, or the generator's soft ones."""
     if run.fixed is not None:
-        return F.one_hot(run.fixed[idx], run.labeler.num_aux).double()
+        return F.one_hot(run.fixed[idx], run.labeler.tasks[0].num_aux).double()
     return run.labeler.generate_labels(x, y).double()
 
 
@@ -263,7 +263,7 @@ def _sem(values: list[float]) -> float:
 
 def fork(run: Any, cfg: Any, epoch: int, fine_aux: Tensor, steps: Sequence[int]) -> dict[str, Any]:
     """Continue a copy of ``run`` with fixed labels; validation loss/accuracy after ``steps``."""
-    from auxgen.baselines import random_aux_labels
+    from auxgen.experiments.baselines import random_aux_labels
     from auxgen.experiments.batches import epoch_batches
     from auxgen.experiments.evaluation import evaluate
 
@@ -310,7 +310,7 @@ def run_unit(
     epochs: Optional[int] = None,
 ) -> dict[str, Any]:
     """Train one (method, seed) of ``regime`` as ``auxgen run`` does, probing on the way."""
-    from auxgen.baselines import human_aux_labels
+    from auxgen.experiments.baselines import human_aux_labels
     from auxgen.experiments.evaluation import evaluate
     from auxgen.experiments.training import _build, _epoch
 

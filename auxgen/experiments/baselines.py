@@ -6,7 +6,7 @@ children of ``y``, i.e. in ``offsets[y] .. offsets[y] + psi[y] - 1`` with
 ``offsets = psi_offsets(psi)`` (equivalently ``owner_index(psi)[aux] == y``).
 
 * :func:`human_aux_labels`: a human-defined hierarchy (e.g. CIFAR-100 fine classes under
-  their superclass, see :func:`auxgen.data.hierarchy_psi`).
+  their superclass, see :func:`auxgen.experiments.hierarchies.hierarchy_psi`).
 * :func:`random_aux_labels`: one uniformly random child per sample, drawn once.
 * :func:`kmeans_aux_labels`: k-means clusters of each primary class's samples.
 * :func:`noisy_aux_labels`: any of these with a fraction replaced by random children (how
@@ -139,7 +139,7 @@ def human_aux_labels(
     Args:
         fine: ``(N,)`` integer fine labels (e.g. the 100 CIFAR-100 classes).
         fine_to_aux: auxiliary-class index of each fine class, e.g. the second output of
-            :func:`auxgen.data.hierarchy_psi`.
+            :func:`auxgen.experiments.hierarchies.hierarchy_psi`.
         y: optional ``(N,)`` primary labels; with ``psi``, the result is checked with
             :func:`check_aux_labels`.
         psi: optional auxiliary classes per primary class (used with ``y``).

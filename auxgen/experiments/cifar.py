@@ -31,8 +31,8 @@ from torch import Tensor
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
-from .datasets import PathLike, as_root
 from .hierarchies import CIFAR10_CLASSES, CIFAR100_FINE_NAMES, CIFAR100_FINE_TO_COARSE
+from .runtime import PathLike, as_root
 
 __all__ = [
     "ChecksumWarning",

@@ -255,20 +255,7 @@ class RunConfig:
         Raises:
             ValueError: naming the first bad field.
         """
-        choices = {
-            "dataset": DATASETS,
-            "method": METHODS,
-            "generator": GENERATORS,
-            "optimizer": OPTIMIZERS,
-            "gen_optimizer": ("same", *OPTIMIZERS),
-            "schedule": SCHEDULES,
-            "meta": META_MODES,
-            "meta_source": META_SOURCES,
-            "transform": TRANSFORM_VARIANTS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _check_choices(self)
         positive = ("epochs", "batch_size", "width", "meta_every")
         for name in positive:
             v = getattr(self, name)
@@ -300,25 +287,7 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        for name in ("lr", "gen_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        for name in (
-            "momentum",
-            "weight_decay",
-            "gen_weight_decay",
-            "aux_weight",
-            "confidence_weight",
-        ):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
-        t = self.label_temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise ValueError(f"label_temperature must be a positive number, got {t!r}")
-        if not (isinstance(self.entropy_weight, (int, float)) and self.entropy_weight >= 0):
-            raise ValueError(f"entropy_weight must be non-negative, got {self.entropy_weight!r}")
+        _check_rates(self)
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2 (BatchNorm needs 2 samples)")
         return self
@@ -341,6 +310,47 @@ class RunConfig:
         if isinstance(d["psi"], tuple):
             d["psi"] = list(d["psi"])
         return d
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    """Every field with a fixed set of values holds one of them."""
+    choices = {
+        "dataset": DATASETS,
+        "method": METHODS,
+        "generator": GENERATORS,
+        "optimizer": OPTIMIZERS,
+        "gen_optimizer": ("same", *OPTIMIZERS),
+        "schedule": SCHEDULES,
+        "meta": META_MODES,
+        "meta_source": META_SOURCES,
+        "transform": TRANSFORM_VARIANTS,
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+
+
+def _check_rates(cfg: RunConfig) -> None:
+    """Learning rates are positive; weights, momentum and decays non-negative."""
+    for name in ("lr", "gen_lr"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    for name in (
+        "momentum",
+        "weight_decay",
+        "gen_weight_decay",
+        "aux_weight",
+        "confidence_weight",
+    ):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+    t = cfg.label_temperature
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"label_temperature must be a positive number, got {t!r}")
+    if not (isinstance(cfg.entropy_weight, (int, float)) and cfg.entropy_weight >= 0):
+        raise ValueError(f"entropy_weight must be non-negative, got {cfg.entropy_weight!r}")
 
 
 def parse_variant(spec: str) -> tuple[str, Optional[str], Optional[str]]:

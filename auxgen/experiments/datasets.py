@@ -16,10 +16,8 @@ and takes its training subset and validation / meta splits:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -37,6 +35,7 @@ from .hierarchies import (
     MNIST_PRIMARY,
     cifar100_labels,
 )
+from .runtime import PathLike, as_root
 
 __all__ = [
     "CIFAR100_MEAN",
@@ -52,8 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 #: Per-channel mean / std of the CIFAR-100 training images (pixels scaled to [0, 1]).
@@ -478,11 +475,3 @@ def load_mnist(
         ) from None
     images = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
     return images, ds.targets.to(torch.int64)
-
-
-def as_root(data_dir: Any) -> Path:
-    if not isinstance(data_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"data_dir must be a str or os.PathLike folder path, got {type(data_dir).__name__}"
-        )
-    return Path(data_dir).expanduser()

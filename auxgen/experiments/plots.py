@@ -17,17 +17,16 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["plot_accuracy", "plot_aux_spread", "plot_aux_examples"]
+from .runtime import PathLike
 
-PathLike = Union[str, "os.PathLike[str]"]
+__all__ = ["plot_accuracy", "plot_aux_spread", "plot_aux_examples"]
 
 
 def _pyplot():

@@ -13,9 +13,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_and_rank", "is_main_process", "resolve_device", "seed_everything", "write_json"]
+__all__ = [
+    "as_root",
+    "world_and_rank",
+    "is_main_process",
+    "resolve_device",
+    "seed_everything",
+    "write_json",
+    "missing_extras",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def as_root(data_dir: Any) -> Path:
+    """``data_dir`` as a ``Path`` (``~`` expanded); ``TypeError`` unless a str or path."""
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"data_dir must be a str or os.PathLike folder path, got {type(data_dir).__name__}"
+        )
+    return Path(data_dir).expanduser()
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -65,3 +82,22 @@ def write_json(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: What the command line and the harness import beyond the library: (module, package).
+EXPERIMENT_EXTRAS = (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("tqdm", "tqdm"))
+
+
+def missing_extras() -> list[str]:
+    """The packages of the ``experiments`` extra that cannot be imported."""
+    import importlib.util
+
+    missing = []
+    for module, package in EXPERIMENT_EXTRAS:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, ...
+            found = False
+        if not found:
+            missing.append(package)
+    return missing

@@ -28,6 +28,7 @@ __all__ = ["run_sweep", "run_demo", "summarize", "format_table", "markdown_table
 #: The methods ``auxgen demo`` compares by default.
 DEMO_METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl")
 
+
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-method statistics over seeds, in first-seen order.
 

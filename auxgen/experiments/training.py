@@ -153,7 +153,6 @@ def train(config: RunConfig) -> dict[str, Any]:
             previous one is kept and training stops at that epoch.
     """
     cfg = config.validate().effective()
-    cfg = config.validate().effective()
     t_start = time.perf_counter()
     check_backbone(cfg.backbone)
     device = resolve_device(cfg.device)
