@@ -51,3 +51,24 @@ def maxl_labeler(model: nn.Module, psi, *, aux_weight: float = 1.0, **options):
 
     task = {k: options.pop(k) for k in MAXL_OPTIONS if k in options}
     return AuxiliaryLabeler(model, tasks=GeneratedLabels(psi, weight=aux_weight, **task), **options)
+
+
+def torchrun_cmd(nproc: int, log_dir, *, standalone: bool = True) -> list[str]:
+    """``torchrun`` with each worker's stdout and stderr in its own file under ``log_dir``
+    (read them with :func:`rank_logs`): lines of different ranks can never interleave."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    return cmd + (["--standalone"] if standalone else []) + ["--log-dir", str(log_dir), "-r", "3"]
+
+
+def rank_logs(log_dir) -> dict[tuple[int, int], str]:
+    """``{(attempt, local rank): stdout + stderr}`` of the workers of a :func:`torchrun_cmd` job."""
+    from pathlib import Path
+
+    logs: dict[tuple[int, int], str] = {}
+    for err in sorted(Path(log_dir).glob("*/attempt_*/*/stderr.log")):
+        attempt, rank = int(err.parent.parent.name.split("_")[1]), int(err.parent.name)
+        out = err.with_name("stdout.log")
+        logs[(attempt, rank)] = (out.read_text() if out.exists() else "") + err.read_text()
+    return logs

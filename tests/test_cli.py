@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import rank_logs, torchrun_cmd
 
 from auxgen.cli import main
 from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE
@@ -182,15 +183,22 @@ def test_cifar100_example_smoke(tmp_path: Path, capsys) -> None:
 def test_run_under_torchrun_shards_and_writes_once(tmp_path: Path) -> None:
     """`torchrun -m auxgen run`: two gloo ranks train in sync and rank 0 writes the outputs."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "auxgen", "run", "--dataset", "digits", "--methods", "single", "maxl"]
-    cmd += ["--seeds", "0", "--smoke", "--threads", "1", "--no-progress", "--out", str(out)]
+    cmd = [*torchrun_cmd(2, tmp_path / "logs"), "-m", "auxgen", "run", "--dataset", "digits"]
+    cmd += ["--methods", "single", "maxl", "transform", "--seeds", "0", "--smoke"]
+    cmd += ["--threads", "1", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    logs = rank_logs(tmp_path / "logs")
+    assert proc.returncode == 0, proc.stderr[-3000:] + str(logs)[-3000:]
+    assert sorted(logs) == [(0, 0), (0, 1)]
+    assert not [log for log in logs.values() if "Traceback" in log]
     result = json.loads((out / "results.json").read_text())
-    assert [r["label"] for r in result["summary"]] == ["single", "maxl-copy"]
+    assert [r["label"] for r in result["summary"]] == ["single", "maxl-copy", "transform"]
     # both ranks end with the same parameters, hence the same test accuracy
-    finals = [line for line in proc.stderr.splitlines() if "maxl-copy seed 0: final" in line]
-    assert len(finals) == 2
-    assert finals[0].split("accuracy")[1].split()[0] == finals[1].split("accuracy")[1].split()[0]
+    for label in ("maxl-copy", "transform"):
+        finals = [
+            [line for line in log.splitlines() if f"{label} seed 0: final" in line]
+            for log in logs.values()
+        ]
+        assert [len(f) for f in finals] == [1, 1], finals
+        accuracy = [f[0].split("accuracy")[1].split()[0] for f in finals]
+        assert accuracy[0] == accuracy[1], (label, finals)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
-import sys
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import rank_logs, torchrun_cmd
 from torch import Tensor, nn
 
 from auxgen import AuxiliaryLabeler, GeneratedLabels, NonFiniteError
@@ -376,24 +376,14 @@ def test_nonfinite_on_one_rank_is_seen_by_all(ranks: list[dict[str, Any]], polic
 def test_ddp_example_smoke(tmp_path: Path) -> None:
     """``examples/ddp_cifar.py --smoke`` runs under torchrun with 2 processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(ROOT / "examples" / "ddp_cifar.py"),
-        "--smoke",
-        "--out",
-        str(tmp_path / "ckpt.pt"),
-    ]
+    cmd = [*torchrun_cmd(2, tmp_path / "logs"), str(ROOT / "examples" / "ddp_cifar.py")]
+    cmd += ["--smoke", "--out", str(tmp_path / "ckpt.pt")]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log
-    assert "parameters in sync across 2 ranks" in log, log
+    logs = rank_logs(tmp_path / "logs")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + str(logs)[-3000:]
+    assert "parameters in sync across 2 ranks" in logs[(0, 0)], logs
     assert (tmp_path / "ckpt.pt").exists()
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from helpers import rank_logs, torchrun_cmd
 from torch import nn
 
 from auxgen import SUPPORTED_OPTIMIZERS
@@ -169,13 +169,14 @@ def test_accelerate_example_two_processes(tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    cmd += ["2", str(ROOT / "examples" / "accelerate_train.py"), "--smoke"]
-    cmd += ["--out", str(tmp_path / "c.pt")]
+    cmd = [*torchrun_cmd(2, tmp_path / "logs"), str(ROOT / "examples" / "accelerate_train.py")]
+    cmd += ["--smoke", "--out", str(tmp_path / "c.pt")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "2 process(es)" in log and "parameters identical on all 2 process(es)" in log, log
+    logs = rank_logs(tmp_path / "logs")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + str(logs)[-3000:]
+    main_log = logs[(0, 0)]  # the main process reports for both
+    assert "2 process(es)" in main_log, main_log
+    assert "parameters identical on all 2 process(es)" in main_log, main_log
     assert (tmp_path / "c.pt").is_file()
 
 

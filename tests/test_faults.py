@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import rank_logs, torchrun_cmd
 
 from auxgen.checkpoint import TEMP_PREFIX, CheckpointWriteError, load_checkpoint, save_checkpoint
 from auxgen.cli import main
@@ -137,18 +138,21 @@ def test_full_disk_under_torchrun_stops_every_rank(tmp_path: Path) -> None:
     launcher = tmp_path / "full_disk.py"
     launcher.write_text(FULL_DISK_LAUNCHER)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--max-restarts", "0", str(launcher), *RUN, "--out", str(out)]
+    cmd = [*torchrun_cmd(2, tmp_path / "logs", standalone=False), "--max-restarts", "0"]
+    cmd += [str(launcher), *RUN, "--out", str(out)]
     proc = subprocess.run(
         cmd, env=fault_restart.child_env(), capture_output=True, text=True, timeout=300
     )
     log = proc.stdout + proc.stderr
+    ranks = rank_logs(tmp_path / "logs")
     assert proc.returncode != 0, log
+    assert sorted(ranks) == [(0, 0), (0, 1)], log[-3000:]
     ckpt = out / "single" / "seed0" / "checkpoint.pt"
     line = f"auxgen: error: cannot write checkpoint {ckpt}: No space left on device (ENOSPC)"
-    assert log.count(line) == 2, log[-3000:]  # once per rank
+    for rank_log in ranks.values():  # each rank said the line once, and no worker traceback
+        assert rank_log.count(line) == 1, rank_log[-3000:]
+        assert "training.py" not in rank_log, rank_log[-3000:]
     assert "exitcode  : 1" in log, log[-3000:]
-    assert "training.py" not in log, log[-3000:]  # no worker traceback: both ranks said the line
     assert load_checkpoint(ckpt)["epoch"] == 1
     assert _temporaries(out) == []
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,7 @@ def test_importing_auxgen_loads_no_harness_module_nor_extra() -> None:
 
 
 def test_the_extras_are_not_install_requirements() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     required = " ".join(meta["dependencies"])
     for package in ("scikit-learn", "matplotlib", "tqdm"):
