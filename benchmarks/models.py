@@ -114,7 +114,8 @@ def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
     """A freshly initialised classifier by name.
 
     Args:
-        name: ``"vgg16"`` (:func:`vgg16_cifar`), ``"tiny"`` (:func:`tiny_cnn`),
+        name: ``"vgg16"`` (:func:`vgg16_cifar`), ``"tiny"`` (:func:`tiny_cnn`), ``"cnn"``
+            (the harness's ``SmallCNN``, width 32),
             ``"vit_tiny_cifar"`` (:func:`vit_tiny_cifar`), a torchvision classification
             model (``"resnet18"``) or a timm model (``"resnet10t"``); torchvision is tried
             first.
@@ -129,6 +130,10 @@ def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
         return vgg16_cifar(num_classes)
     if name == "tiny":
         return tiny_cnn(num_classes)
+    if name == "cnn":  # the harness's small CNN of the low-data regimes (width 32)
+        from auxgen.experiments.models import build_model as harness_model
+
+        return harness_model("cnn", 3, num_classes, image_size, width=32)
     if name == "vit_tiny_cifar":
         return vit_tiny_cifar(num_classes, image_size)
     import torchvision

@@ -69,6 +69,11 @@ CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "head_second_order": {"meta": "second_order", "generator": "head"},
     "head_first_order": {"meta": "first_order", "generator": "head"},
     "head_second_order_every4": {"meta": "second_order", "meta_every": 4, "generator": "head"},
+    # labels from the four rotations (TransformLabels, both heads): every view, one per image,
+    # and with MAXL's head generator as a second task
+    "transform": {"transform": {"views": "all"}},
+    "transform_one": {"transform": {"views": "one"}},
+    "transform_maxl": {"transform": {"views": "all"}, "generator": "head"},
 }
 
 #: Time-ratio targets (MAXL step / single-task step).
@@ -151,7 +156,7 @@ def build_runner(
     seed: int,
 ) -> Runner:
     """Build the model (same initialisation for every configuration) and its step."""
-    from auxgen import AuxiliaryLabeler, GeneratedLabels
+    from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
 
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes).to(x.device).train()
@@ -167,16 +172,21 @@ def build_runner(
         return Runner(config, plain_step, 1, [model], [opt])
 
     options = dict(kwargs)
-    task = {k: options.pop(k) for k in ("generator",) if k in options}
-    task_obj = GeneratedLabels([psi] * num_classes, **task)
-    labeler = AuxiliaryLabeler(model, tasks=task_obj, **options).to(x.device).train()
+    transform = options.pop("transform", None)
+    maxl = {k: options.pop(k) for k in ("generator",) if k in options}
+    tasks = [] if transform is None else [TransformLabels(**transform)]
+    if maxl or transform is None:
+        tasks.append(GeneratedLabels([psi] * num_classes, **maxl))
+    labeler = AuxiliaryLabeler(model, tasks=tasks, **options).to(x.device).train()
     opt = torch.optim.SGD(labeler.model_parameters(), lr=0.01, momentum=0.9)
-    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=1e-3, weight_decay=5e-4)
+    gen_params = labeler.generator_parameters()
+    gen_opt = torch.optim.SGD(gen_params, lr=1e-3, weight_decay=5e-4) if gen_params else None
+    optimizers = [opt] if gen_opt is None else [opt, gen_opt]
 
-    def maxl_step() -> None:
+    def labeler_step() -> None:
         labeler.step(x, y, opt, gen_opt)
 
-    return Runner(config, maxl_step, labeler.meta_every, [labeler], [opt, gen_opt], labeler)
+    return Runner(config, labeler_step, labeler.meta_every, [labeler], optimizers, labeler)
 
 
 def _sync(device: torch.device) -> None:
