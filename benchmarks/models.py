@@ -130,10 +130,10 @@ def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
         return vgg16_cifar(num_classes)
     if name == "tiny":
         return tiny_cnn(num_classes)
-    if name == "cnn":  # the harness's small CNN of the low-data regimes (width 32)
+    if name in ("cnn", "cifar_resnet18"):  # the harness's small CNN (width 32), ResNet-18
         from auxgen.experiments.models import build_model as harness_model
 
-        return harness_model("cnn", 3, num_classes, image_size, width=32)
+        return harness_model(name, 3, num_classes, image_size, width=32)
     if name == "vit_tiny_cifar":
         return vit_tiny_cifar(num_classes, image_size)
     import torchvision

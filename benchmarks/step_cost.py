@@ -154,12 +154,13 @@ def build_runner(
     num_classes: int,
     psi: int,
     seed: int,
+    image_size: int = 32,
 ) -> Runner:
     """Build the model (same initialisation for every configuration) and its step."""
     from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
 
     torch.manual_seed(seed)
-    model = build_model(model_name, num_classes).to(x.device).train()
+    model = build_model(model_name, num_classes, image_size).to(x.device).train()
     kwargs = CONFIGS[config]
     if kwargs is None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

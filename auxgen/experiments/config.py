@@ -73,7 +73,9 @@ META_MODES: tuple[str, ...] = ("second_order", "first_order")
 #: training batch, or a batch of a held-out meta split (AuxiLearn-style).
 META_SOURCES: tuple[str, ...] = ("train", "next", "heldout")
 #: Backbones defined here; anything else is looked up in timm, then torchvision.
-BUILTIN_BACKBONES: tuple[str, ...] = ("cnn", "mlp")
+#: ``cifar_resnet18``: torchvision's ResNet-18 with a CIFAR stem (a 3x3 first convolution of
+#: stride 1 and no max-pool), as AuxiLearn and most CIFAR papers train it.
+BUILTIN_BACKBONES: tuple[str, ...] = ("cnn", "mlp", "cifar_resnet18")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import BUILTIN_BACKBONES
 
-__all__ = ["SmallCNN", "MLP", "check_backbone", "build_model"]
+__all__ = ["SmallCNN", "MLP", "cifar_resnet18", "check_backbone", "build_model"]
 
 
 class SmallCNN(nn.Module):
@@ -92,6 +92,23 @@ class MLP(nn.Module):
         return self.fc(self.features(x))
 
 
+def cifar_resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with a CIFAR stem: a 3x3, stride-1 first convolution, no
+    max-pool (32x32 inputs keep their resolution into the first stage).
+
+    Example:
+        >>> net = cifar_resnet18(3, 100)
+        >>> net.conv1, type(net.maxpool).__name__
+        (Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False), 'Identity')
+    """
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
 def _backbone_source(name: str) -> tuple[str, str]:
     """``(source, model_name)`` with source in cnn / timm / torchvision; raises if unknown."""
     if not isinstance(name, str) or not name:
@@ -162,6 +179,8 @@ def build_model(
     if source == "cnn":
         widths = (width, 2 * width) if image_size <= 16 else (width, 2 * width, 4 * width)
         return SmallCNN(in_channels, num_classes, widths=widths)
+    if source == "cifar_resnet18":
+        return cifar_resnet18(in_channels, num_classes)
     if source == "timm":
         import timm
 

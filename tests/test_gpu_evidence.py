@@ -1,0 +1,79 @@
+"""``benchmarks/gpu_data.py`` and ``benchmarks/gpu_evidence.py`` on the CPU: the payload gives
+the harness the exact images of the full dataset, the smoke run goes through every part, and
+the time plan stays within its budget."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_data  # noqa: E402
+import gpu_evidence  # noqa: E402
+
+from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE  # noqa: E402
+
+
+def _fake_cifar100(root: Path, per_class: int = 20, n_test: int = 200) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 100 * per_class), ("test", n_test)):
+        fine = rng.permutation(np.arange(n) % 100)
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": fine.tolist(),
+            "coarse_labels": [CIFAR100_FINE_TO_COARSE[f] for f in fine],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+def test_payload_is_the_harness_subset_and_the_smoke_run_completes(tmp_path: Path) -> None:
+    full = _fake_cifar100(tmp_path / "full")
+    payload = tmp_path / "payload"
+    sizes = gpu_data.write_payload(str(full), payload, train_subset=0.25)
+    assert sizes["train"] == 500 and sizes["test"] == 200
+    gpu_data.check_payload(str(full), payload, train_subset=0.25)  # raises if anything differs
+    out = tmp_path / "out" / "e.json"
+    report = gpu_evidence.main(
+        ["--device", "cpu", "--smoke", "--data-dir", str(payload / "data"), "--out", str(out)]
+        + ["--work", str(tmp_path / "runs"), "--seeds", "0", "--parallel", "2"]
+        + ["--budget-s", "240"]
+    )
+    assert out.is_file() and out.with_suffix(".log").is_file()
+    costs = {c["config"]: c for c in report["step_costs"]}
+    assert set(costs) == set(gpu_evidence.STEP_CONFIGS)
+    assert all(c.get("median_ms", 0) > 0 for c in costs.values()), costs
+    assert report["plan"]["epochs"] == 1
+    runs = report["runs"]
+    assert len(runs) == sum(len(m) for _, m in gpu_evidence.REGIMES.values())
+    assert not [r for r in runs if "error" in r], runs
+    labels = {(r["regime"], r["method"]) for r in report["summary"]}
+    assert ("fine100", "single") in labels and ("coarse10", gpu_evidence.BEST) in labels
+    assert report["wall_s"] < 240
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_time_plan_fits_the_budget(parallel: int) -> None:
+    units = [("a", "single", s) for s in range(5)] + [("a", "transform", s) for s in range(5)]
+    ms = {"single": 12.0, "transform": 60.0}
+    epochs, planned = gpu_evidence.plan_epochs(
+        units, ms, {"a": 16}, budget_s=300, parallel=parallel, max_epochs=200, overhead_s=20
+    )
+    assert 0 < epochs <= 200 and planned <= 300
+    each = [20 + epochs * 16 * ms[m] / 1000 for _, m, _ in units]
+    assert max(sum(each) / parallel, max(each)) == pytest.approx(planned, abs=0.1)
+    more, _ = gpu_evidence.plan_epochs(
+        units, ms, {"a": 16}, budget_s=300, parallel=parallel * 2, max_epochs=200, overhead_s=20
+    )
+    assert more >= epochs
+    assert gpu_evidence.plan_epochs(units, ms, {"a": 16}, budget_s=10, parallel=1,
+                                    max_epochs=200, overhead_s=20) == (0, 0.0)  # fmt: skip
