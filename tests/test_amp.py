@@ -86,3 +86,29 @@ def test_bf16_meta_gradient_close_to_float32(meta: str, min_cos: float) -> None:
     cos = torch.nn.functional.cosine_similarity(grads[True], exact, dim=0)
     assert cos > min_cos, f"cosine {float(cos):.5f} between bf16 {meta} and float32 exact"
     assert torch.nn.functional.cosine_similarity(grads[False], exact, dim=0) > 0.9999
+
+
+@pytest.mark.parametrize("views", ["all", "one"])
+def test_bf16_autocast_transformation_task_beside_maxl(views: str) -> None:
+    """Rotation labels and MAXL at once under autocast: finite float32 losses and updates,
+    and the losses close to the float32 step's."""
+    from auxgen import TransformLabels
+
+    x, y = _batch()
+    outs = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        tasks = [TransformLabels(views=views), GeneratedLabels(2)]
+        labeler = AuxiliaryLabeler(TinyConvNet(num_classes=3, width=8), tasks=tasks)
+        opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
+        gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=1e-2)
+        torch.manual_seed(1)  # the same rotations drawn with views="one"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            outs[amp] = labeler.step(x, y, opt, gen_opt)
+        assert outs[amp]["meta_updated"]
+        assert all(
+            p.dtype == torch.float32 and torch.isfinite(p).all() for p in labeler.parameters()
+        )
+    for key in ("loss", "primary_loss", "meta_loss"):
+        assert outs[True][key].dtype == torch.float32
+        torch.testing.assert_close(outs[True][key], outs[False][key], rtol=0.03, atol=0.03)
