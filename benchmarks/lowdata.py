@@ -155,7 +155,7 @@ def strip_summary(result: dict) -> dict:
         aux = {
             k: v
             for k, v in r.get("aux", {}).items()
-            if k.startswith("aux_nmi") or k == "aux_used_test"
+            if k.startswith(("aux_nmi", "aggregated")) or k == "aux_used_test"
         }
         keep = ("label", "config", "history", "final_test_accuracy", "final_val_accuracy")
         keep += ("wall_time_s", "train_time_s", "num_train", "num_val", "num_meta", "psi")

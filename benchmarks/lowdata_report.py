@@ -42,6 +42,10 @@ def _per_seed(summary: dict) -> dict[str, dict[int, dict]]:
             "val": r["final_val_accuracy"],
             "train": last.get("train_accuracy"),
             "wall": r["wall_time_s"],
+            "epoch_s": statistics.fmean(h["epoch_time_s"] for h in r["history"])
+            if r["history"]
+            else None,
+            "aggregated": r.get("aux", {}).get("aggregated_test_accuracy"),
         }
     return out
 
@@ -58,9 +62,11 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
         f"seeds {', '.join(map(str, summary['seeds']))}",
         "",
         "| method | val (%) | test (%) | test − single, paired (points) | train acc (%) "
-        "| aux NMI with fine classes (train) | wall / run (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| aux NMI with fine classes (train) | 4-view aggregated test (%) | epoch time / single "
+        "| wall / run (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    base_epoch = [v["epoch_s"] for v in base.values() if v.get("epoch_s")]
     nmi = {s["label"]: s.get("aux_nmi_train_mean") for s in summary["summary"]}
     deltas: dict[str, list[float]] = {}
     for label, seeds in runs.items():
@@ -74,11 +80,58 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
             delta = ("+" if statistics.fmean(d) >= 0 else "") + _ms(d)
         wall = statistics.fmean(v["wall"] for v in seeds.values())
         info = "-" if nmi.get(label) is None else f"{nmi[label]:.3f}"
+        agg = _ms([v["aggregated"] for v in seeds.values() if v.get("aggregated") is not None])
+        epochs = [v["epoch_s"] for v in seeds.values() if v.get("epoch_s")]
+        cost = "-"
+        if epochs and base_epoch:
+            cost = f"{statistics.fmean(epochs) / statistics.fmean(base_epoch):.1f}x"
         lines.append(
             f"| {label} | {_ms(vals)} | {_ms(tests)} | {delta} | "
-            f"{100 * statistics.fmean(trains):.1f} | {info} | {wall:.0f} |"
+            f"{100 * statistics.fmean(trains):.1f} | {info} | {agg} | {cost} | {wall:.0f} |"
         )
     return "\n".join(lines), deltas
+
+
+def cost_points(summary: dict) -> list[dict]:
+    """Per method: training time per epoch relative to single-task (means over seeds of the
+    same sweep) and the paired test difference to single-task (mean, std, seeds)."""
+    runs = _per_seed(summary)
+    base = runs.get("single", {})
+    base_epoch = statistics.fmean(v["epoch_s"] for v in base.values())
+    points = []
+    for label, seeds in runs.items():
+        d = [100 * (seeds[s]["test"] - base[s]["test"]) for s in seeds if s in base]
+        points.append({
+            "label": label,
+            "cost": statistics.fmean(v["epoch_s"] for v in seeds.values()) / base_epoch,
+            "gain": statistics.fmean(d),
+            "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+            "seeds": len(d),
+        })  # fmt: skip
+    return points
+
+
+def cost_plot(summary: dict, path: Path) -> None:
+    """Test gain over single-task against the cost of a training epoch, one point a method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for pt in cost_points(summary):
+        ax.errorbar(pt["cost"], pt["gain"], yerr=pt["std"], fmt="o", capsize=3)
+        ax.annotate(f"{pt['label']} ({pt['seeds']})", (pt["cost"], pt["gain"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training time per epoch / single-task's (same sweep)")
+    ax.set_ylabel("test accuracy − single-task, paired (points)")
+    ax.set_title(f"{summary['regime']}: accuracy against cost (mean ± std over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def tune_table(record: dict) -> str:
@@ -258,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="figure of REGIME's tuning record: test gain against the labels' NMI",
     )
+    p.add_argument(
+        "--cost-plot",
+        nargs=2,
+        metavar=("REGIME", "PNG"),
+        default=None,
+        help="figure of REGIME's summary: each method's test gain against its epoch time",
+    )
     a = p.parse_args(argv)
     files = sorted(f for f in Path(a.results).glob("*.json") if not f.name.startswith("tune_"))
     if a.regimes:
@@ -280,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             if d := tune_deltas(record):
                 tunes[f"{record['regime']} (settings)"] = d
         plot(tunes, Path(a.tune_plot))
+    if a.cost_plot:
+        regime, png = a.cost_plot
+        cost_plot(json.loads((Path(a.results) / f"{regime}.json").read_text()), Path(png))
     if a.nmi_plot:
         regime, png = a.nmi_plot
         nmi_plot(json.loads((Path(a.results) / f"tune_{regime}.json").read_text()), Path(png))

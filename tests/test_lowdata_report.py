@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from lowdata_report import _noise_rate, nmi_plot, nmi_points, tune_deltas, tune_table  # noqa: E402
+from lowdata_report import (  # noqa: E402
+    _noise_rate,
+    cost_plot,
+    cost_points,
+    nmi_plot,
+    nmi_points,
+    regime_table,
+    tune_deltas,
+    tune_table,
+)
 
 
 def _row(method: str, setting: str, seeds: list[int], val: list[float], test: list[float]):
@@ -124,3 +133,32 @@ def test_tune_records_accumulate_rows_and_commands(tmp_path: Path, monkeypatch) 
     assert record["picks"] == {"human": "default", "maxl-copy": "mi1"}
     assert len(record["commands"]) == 2 and record["command"] == record["commands"][-1]
     assert record["commands"][0].endswith("--grid default mi1 noise0.5 --seeds 0 1")
+
+
+def _run(label: str, seed: int, test: float, epoch_s: float, agg: float | None = None) -> dict:
+    aux = {} if agg is None else {"aggregated_test_accuracy": agg}
+    return {
+        "label": label, "config": {"seed": seed}, "final_test_accuracy": test,
+        "final_val_accuracy": test - 0.01, "wall_time_s": 10 * epoch_s, "num_train": 100,
+        "history": [{"train_accuracy": 0.9, "epoch_time_s": epoch_s}], "aux": aux,
+    }  # fmt: skip
+
+
+def test_regime_table_and_cost_points_pair_by_seed(tmp_path: Path) -> None:
+    summary = {
+        "regime": "toy", "seeds": [0, 1],
+        "config": {"dataset": "cifar100", "backbone": "cnn", "width": 32, "epochs": 3},
+        "summary": [{"label": "single"}, {"label": "transform"}],
+        "runs": [_run("single", 0, 0.40, 2.0), _run("single", 1, 0.44, 2.0),
+                 _run("transform", 1, 0.47, 10.0, agg=0.45),
+                 _run("transform", 0, 0.42, 10.0, agg=0.43)],
+    }  # fmt: skip
+    table, deltas = regime_table(summary)
+    row = [line for line in table.splitlines() if line.startswith("| transform")][0].split("|")
+    assert row[4].strip() == "+2.50 ± 0.71"  # seed 0: +2, seed 1: +3 points
+    assert row[7].strip() == "44.00 ± 1.41" and row[8].strip() == "5.0x"
+    points = {p["label"]: p for p in cost_points(summary)}
+    assert points["transform"]["cost"] == pytest.approx(5.0)
+    assert points["transform"]["gain"] == pytest.approx(2.5) and points["single"]["gain"] == 0
+    cost_plot(summary, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 0
