@@ -29,7 +29,7 @@ from .losses import LOSSES
 from .meta import META_MODES, JVPPlan
 from .mirror import LOOKAHEADS
 from .step import NonFiniteError, StepParts, training_step
-from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels
+from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels, as_task_list
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
 
@@ -147,7 +147,7 @@ class AuxiliaryLabeler(nn.Module):
         self.diagnostics, self.fd_eps, self.focal_gamma = diagnostics, fd_eps, float(focal_gamma)
         self._ranks = Ranks(distributed, process_group, buffers)
         self.output = check_output_spec(output)
-        task_list = _task_list(psi, tasks)
+        task_list = as_task_list(psi, tasks)
         self.classifier_name, cls_module = find_classifier(model, classifier)
         self.num_classes = num_classes_of(
             self.classifier_name, cls_module, num_classes, [t.class_count() for t in task_list]
@@ -173,11 +173,12 @@ class AuxiliaryLabeler(nn.Module):
         self._synced = False
 
     # ------------------------------------------------------------ the first tasks
-    def _first(self, kind: type, what: str) -> Any:
-        for task in self.tasks:
-            if isinstance(task, kind):
-                return task
-        raise AttributeError(f"the labeler has no {what} task ({kind.__name__})")
+    def _first(self, what: str, test: Any) -> Any:
+        """The first task for which ``test(task)`` holds, else ``AttributeError``."""
+        found = next((task for task in self.tasks if test(task)), None)
+        if found is None:
+            raise AttributeError(f"the labeler has no {what} task")
+        return found
 
     @property
     def aux_head(self) -> nn.Linear:
@@ -189,18 +190,12 @@ class AuxiliaryLabeler(nn.Module):
     @property
     def generator(self) -> nn.Module:
         """The label-generation network of the first :class:`~auxgen.GeneratedLabels`."""
-        return self._first(GeneratedLabels, "generated-label").generator
+        return self._first("GeneratedLabels", _is(GeneratedLabels)).generator
 
     @property
     def owner(self) -> Tensor:
         """``owner`` index of the first task that has a hierarchy of auxiliary classes."""
-        return self._hierarchy().owner
-
-    def _hierarchy(self) -> Any:
-        for task in self.tasks:
-            if hasattr(task, "owner"):
-                return task
-        raise AttributeError("the labeler has no task with a hierarchy of auxiliary classes")
+        return self._first("hierarchical", lambda t: hasattr(t, "owner")).owner
 
     @property
     def meta_mode_used(self) -> Optional[str]:
@@ -241,7 +236,7 @@ class AuxiliaryLabeler(nn.Module):
         Uses the current train/eval mode; buffers (BatchNorm statistics) are left as they
         were.
         """
-        task = self._first(GeneratedLabels, "generated-label")
+        task = self._first("GeneratedLabels", _is(GeneratedLabels))
         x, y = self._check_batch(x, y)
         saved = [(b, b.clone()) for b in self.buffers()]
         try:
@@ -258,11 +253,10 @@ class AuxiliaryLabeler(nn.Module):
         transformed views of the joint log-probability of each class under the right
         transform. Its argmax is a class; call it in eval mode (a forward of ``K`` views).
         """
-        for task, head in zip(self.tasks, self.aux_heads):
-            inner = getattr(task, "task", task)
-            if isinstance(inner, TransformLabels) and inner.form != "predict":
-                return inner.aggregated_log_probs(lambda v: self.features(v)[1], head, x)
-        raise AttributeError("the labeler has no TransformLabels task with a joint head")
+        task = self._first("TransformLabels (joint head)", _is(TransformLabels, joint=True))
+        head = self.aux_heads[list(self.tasks).index(task)]
+        inner = getattr(task, "task", task)  # a LearnedWeight's task
+        return inner.aggregated_log_probs(lambda v: self.features(v)[1], head, x)
 
     # -------------------------------------------------------------------- step
     def step(
@@ -397,6 +391,16 @@ class AuxiliaryLabeler(nn.Module):
         )
 
 
+def _is(kind: type, joint: bool = False) -> Any:
+    """A test: the task (or the task a ``LearnedWeight`` wraps) is a ``kind``."""
+
+    def test(task: AuxiliaryTask) -> bool:
+        inner = getattr(task, "task", task)
+        return isinstance(inner, kind) and not (joint and inner.form == "predict")
+
+    return test
+
+
 def _version2_name(name: str) -> Optional[str]:
     """A state-dict key of version 1 (one head, MAXL's generator on the labeler) renamed."""
     if name == "owner":
@@ -405,21 +409,3 @@ def _version2_name(name: str) -> Optional[str]:
         if name.startswith(old):
             return new + name[len(old) :]
     return None
-
-
-def _task_list(psi: Any, tasks: Tasks) -> list[AuxiliaryTask]:
-    if tasks is None:
-        if psi is None:
-            raise ValueError("pass psi= (MAXL's auxiliary classes per class) or tasks=")
-        return [GeneratedLabels(psi)]
-    if psi is not None:
-        raise ValueError(
-            "pass psi= or tasks=, not both: psi= is shorthand for tasks=GeneratedLabels(psi)"
-        )
-    task_list = [tasks] if isinstance(tasks, AuxiliaryTask) else list(tasks)
-    for i, task in enumerate(task_list):
-        if not isinstance(task, AuxiliaryTask):
-            raise TypeError(f"tasks[{i}] must be an AuxiliaryTask, got {type(task).__name__}")
-        if task.num_outputs:
-            raise ValueError(f"tasks[{i}] ({type(task).__name__}) is already attached")
-    return task_list

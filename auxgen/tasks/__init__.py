@@ -8,12 +8,15 @@
 * :class:`AuxiliaryTask`: the protocol, to write your own.
 """
 
+from typing import Any
+
 from .base import AuxiliaryTask, TaskContext, TaskPlan
 from .labels import GENERATORS, FixedLabels, GeneratedLabels
 from .transforms import Rotate, TransformLabels, rotations
 from .weighting import LearnedWeight
 
 __all__ = [
+    "as_task_list",
     "GENERATORS",
     "AuxiliaryTask",
     "FixedLabels",
@@ -25,3 +28,23 @@ __all__ = [
     "TransformLabels",
     "rotations",
 ]
+
+
+def as_task_list(psi: Any, tasks: Any) -> list[AuxiliaryTask]:
+    """The labeler's tasks from its ``psi=`` (shorthand for ``GeneratedLabels(psi)``) or
+    ``tasks=`` (one task or a sequence of them), checked."""
+    if tasks is None:
+        if psi is None:
+            raise ValueError("pass psi= (MAXL's auxiliary classes per class) or tasks=")
+        return [GeneratedLabels(psi)]
+    if psi is not None:
+        raise ValueError(
+            "pass psi= or tasks=, not both: psi= is shorthand for tasks=GeneratedLabels(psi)"
+        )
+    task_list = [tasks] if isinstance(tasks, AuxiliaryTask) else list(tasks)
+    for i, task in enumerate(task_list):
+        if not isinstance(task, AuxiliaryTask):
+            raise TypeError(f"tasks[{i}] must be an AuxiliaryTask, got {type(task).__name__}")
+        if task.num_outputs:
+            raise ValueError(f"tasks[{i}] ({type(task).__name__}) is already attached")
+    return task_list
