@@ -298,3 +298,46 @@ def test_bad_transform_outputs_are_clear_errors() -> None:
         lab.step(x, y, opt)
     with pytest.raises(ValueError, match="aux_target was given but no task takes"):
         lab.step(x, y, opt, aux_target=y)
+
+
+# ------------------------------------------------------------ backbones, faults, optimisers
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: __import__("timm").create_model("test_resnet", pretrained=False, num_classes=3),
+        lambda: __import__("torchvision").models.resnet18(num_classes=3),
+        lambda: __import__("timm").create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8
+        ),
+    ],
+    ids=["timm-test_resnet", "tv-resnet18", "timm-vit-tiny"],
+)
+def test_rotation_labels_on_real_backbones(factory) -> None:
+    torch.manual_seed(0)
+    lab = AuxiliaryLabeler(factory(), tasks=TransformLabels(views="one"))
+    opt = torch.optim.AdamW(lab.model_parameters(), lr=1e-3)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = [p.clone() for p in lab.model_parameters()]
+    out = lab.step(x, y, opt)
+    assert torch.isfinite(out["loss"]) and lab.aux_head.out_features == C * K + K
+    assert any(not torch.equal(p, b) for p, b in zip(lab.model_parameters(), before))
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_step_changes_nothing(policy: str) -> None:
+    from auxgen import NonFiniteError
+
+    lab = AuxiliaryLabeler(_model(bn=True), tasks=TransformLabels(), nonfinite=policy).double()
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1, momentum=0.9)
+    x, y = _batch()
+    lab.step(x, y, opt)
+    state = copy.deepcopy(lab.state_dict())
+    x[0, 0, 1, 2] = float("nan")  # poisons one image and, through BatchNorm, every view
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="non-finite multi-task loss or gradient"):
+            lab.step(x, y, opt)
+    else:
+        assert lab.step(x, y, opt)["skipped"] == 1
+    for k, v in lab.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, state[k]), k
