@@ -159,7 +159,7 @@ def _forward(
     fwd = _Forward(inputs, n, z_p, plans, views)
     for j, (task, plan, head) in enumerate(zip(parts.tasks, plans, parts.heads)):
         h_views = h_all[views[j]] if views[j] is not None else None
-        z = head(task.head_input(plan, h, h_views))
+        z = head(task.head_input(plan, h, h_views) if task.weight > 0 else h)
         ell = task.loss_matrix(z, parts.loss, parts.focal_gamma)
         if task.weight > 0:
             z_views = z_all[views[j]] if views[j] is not None else None

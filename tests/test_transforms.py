@@ -142,6 +142,21 @@ def test_aggregated_prediction_and_distillation() -> None:
     torch.testing.assert_close(out["loss"], (loss + 0.5 * 4.0 * kl).detach())
 
 
+def test_weight_zero_is_single_task_training() -> None:
+    lab = AuxiliaryLabeler(_model(bn=True), tasks=TransformLabels(weight=0.0)).double()
+    reference = copy.deepcopy(lab.model)
+    x, y = _batch()
+    out = lab.step(x, y, torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    F.cross_entropy(reference(x), y).backward()
+    ref_opt.step()
+    assert float(out["aux_loss"]) == 0.0
+    for p, q in zip(lab.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    for b, rb in zip(lab.model.buffers(), reference.buffers()):  # no views were forwarded
+        torch.testing.assert_close(b, rb)
+
+
 def test_custom_transforms_on_token_ids() -> None:
     class Bag(nn.Module):
         def __init__(self) -> None:
