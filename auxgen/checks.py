@@ -112,15 +112,17 @@ def check_optimizers(
     generator_parameters: Sequence[Tensor],
     lookahead: str,
     warned: set[type],
+    meta: bool = True,
 ) -> None:
     """The step's optimisers: supported (see :func:`auxgen.mirror.check_optimizer`) and over
     the right parameters; warns once per optimiser type approximated by ``lookahead="sgd"``
-    (the types already warned about are in ``warned``)."""
+    (the types already warned about are in ``warned``). Without a learned task (``meta``
+    False) nothing is looked ahead through, and any ``torch.optim`` optimiser is fine."""
     check_optimizer(
         optimizer, model_parameters, argname="optimizer", owner="model_parameters()",
-        mirrored=True, lookahead=lookahead,
+        mirrored=meta, lookahead=lookahead,
     )  # fmt: skip
-    if not is_mirrored(optimizer) and type(optimizer) not in warned:
+    if meta and not is_mirrored(optimizer) and type(optimizer) not in warned:
         warned.add(type(optimizer))
         warnings.warn(
             f"{type(optimizer).__name__} is not mirrored exactly: the meta-gradient's "

@@ -306,7 +306,7 @@ class AuxiliaryLabeler(nn.Module):
         meta_xy = check_meta_batch(meta_batch, x, self.num_classes, self._device(), self._what())
         check_optimizers(
             optimizer, gen_optimizer, self.model_parameters(), self.generator_parameters(),
-            self.lookahead, self._approximated,
+            self.lookahead, self._approximated, any(t.learned for t in self.tasks),
         )  # fmt: skip
         if aux_target is not None and not any(t.takes_aux_target for t in self.tasks):
             raise ValueError("aux_target was given but no task takes auxiliary labels")

@@ -1,6 +1,9 @@
-"""MAXL in a timm training recipe: timm model, optimiser factory, scheduler, AMP, resume.
+"""auxgen in a timm training recipe: timm model, optimiser factory, scheduler, AMP, resume.
 
-The pieces of timm's own ``train.py`` loop, with ``AuxiliaryLabeler.step`` as the update:
+The pieces of timm's own ``train.py`` loop, with ``AuxiliaryLabeler.step`` as the update and
+the auxiliary task chosen with ``--task``: ``rotations`` (labels from the four rotations of
+each image, ``TransformLabels``), ``maxl`` (MAXL's generated labels, ``GeneratedLabels``) or
+``rotations+maxl`` (both at once):
 
 * ``timm.create_model`` (``pretrained=False``; any timm classifier works, the labeler finds
   its head through ``get_classifier()``);
@@ -43,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
 
 logger = logging.getLogger("timm_train")
 
@@ -93,20 +96,27 @@ def build_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
 
 def build(
     args: argparse.Namespace, in_chans: int, updates_per_epoch: int, device: torch.device
-) -> tuple[AuxiliaryLabeler, torch.optim.Optimizer, torch.optim.Optimizer, Any]:
-    """The labeler around a timm model, its two optimisers and timm's scheduler."""
+) -> tuple[AuxiliaryLabeler, torch.optim.Optimizer, Optional[torch.optim.Optimizer], Any]:
+    """The labeler around a timm model, its optimisers and timm's scheduler."""
     model = timm.create_model(args.model, pretrained=False, num_classes=10, in_chans=in_chans)
-    labeler = AuxiliaryLabeler(model, psi=args.psi, meta=args.meta).to(device)
+    tasks: list = []
+    if "rotations" in args.task:
+        tasks.append(TransformLabels(views=args.views))
+    if "maxl" in args.task:
+        tasks.append(GeneratedLabels(args.psi))
+    labeler = AuxiliaryLabeler(model, tasks=tasks, meta=args.meta).to(device)
     # The main optimiser must hold only labeler.model_parameters() (model + auxiliary head);
     # a ModuleDict over the two lets timm apply its weight-decay grouping to both.
-    multi_task = nn.ModuleDict({"model": labeler.model, "aux_head": labeler.aux_head})
+    multi_task = nn.ModuleDict({"model": labeler.model, "aux_heads": labeler.aux_heads})
     opt = create_optimizer_v2(
         multi_task, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9
     )
     # The generator's optimiser is not looked ahead through: any optimiser works.
-    gen_opt = create_optimizer_v2(
-        labeler.generator_parameters(), opt="momentum", lr=args.gen_lr, weight_decay=5e-4
-    )
+    gen_opt = None
+    if labeler.generator_parameters():
+        gen_opt = create_optimizer_v2(
+            labeler.generator_parameters(), opt="momentum", lr=args.gen_lr, weight_decay=5e-4
+        )
     scheduler, _ = create_scheduler_v2(
         opt,
         sched=args.sched,
@@ -150,7 +160,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=sorted(DATASETS), default="fashion_mnist")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--model", default="resnet10t", help="any timm classifier")
-    p.add_argument("--psi", type=int, default=5, help="auxiliary classes per class")
+    p.add_argument("--task", choices=["rotations", "maxl", "rotations+maxl"], default="rotations")
+    p.add_argument("--views", choices=["all", "one"], default="all", help="rotations per image")
+    p.add_argument("--psi", type=int, default=5, help="MAXL's auxiliary classes per class")
     p.add_argument("--opt", choices=MIRRORED_OPTIMIZERS, default="momentum")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -203,7 +215,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         state = torch.load(ckpt, map_location=device, weights_only=True)
         labeler.load_state_dict(state["labeler"])
         opt.load_state_dict(state["optimizer"])
-        gen_opt.load_state_dict(state["gen_optimizer"])
+        if gen_opt is not None:
+            gen_opt.load_state_dict(state["gen_optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
         start_epoch = state["epoch"]
@@ -242,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 {
                     "labeler": labeler.state_dict(),
                     "optimizer": opt.state_dict(),
-                    "gen_optimizer": gen_opt.state_dict(),
+                    "gen_optimizer": gen_opt.state_dict() if gen_opt is not None else None,
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "epoch": epoch + 1,

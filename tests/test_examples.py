@@ -66,7 +66,7 @@ def test_timm_example_offers_only_mirrored_optimizers() -> None:
 def test_timm_example_smoke_amp_and_exact_resume(tmp_path: Path, monkeypatch) -> None:
     """Two epochs in one go equal one epoch, a crash after its checkpoint, and a resume."""
     timm_train = load_example("timm_train")
-    args = ["--smoke", "--amp"]
+    args = ["--smoke", "--amp", "--task", "rotations+maxl", "--views", "one"]
     full = timm_train.main([*args, "--checkpoint", str(tmp_path / "full.pt")])
     assert full["epoch"] == 2
     assert full["lr"] == pytest.approx(0.05 * 1e-2)  # timm's cosine schedule ended at min_lr

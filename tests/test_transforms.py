@@ -338,6 +338,18 @@ def test_rotation_labels_on_real_backbones(factory) -> None:
     assert any(not torch.equal(p, b) for p, b in zip(lab.model_parameters(), before))
 
 
+def test_any_optimizer_without_a_learned_task() -> None:
+    """Nothing is looked ahead through without a learned task: timm's LAMB is fine."""
+    import timm.optim
+
+    lab = AuxiliaryLabeler(_model(), tasks=TransformLabels(form="predict")).double()
+    out = lab.step(*_batch(), timm.optim.Lamb(lab.model_parameters(), lr=1e-2))
+    assert torch.isfinite(out["loss"])
+    lab = AuxiliaryLabeler(_model(), tasks=[TransformLabels(), GeneratedLabels([2] * C)])
+    with pytest.raises(TypeError, match="Lamb cannot be mirrored exactly"):
+        lab.double().step(*_batch(), timm.optim.Lamb(lab.model_parameters(), lr=1e-2))
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_step_changes_nothing(policy: str) -> None:
     from auxgen import NonFiniteError
