@@ -281,8 +281,9 @@ class AuxiliaryLabeler(nn.Module):
         Args:
             x: input batch.
             y: ``(batch,)`` primary labels in ``[0, num_classes)``.
-            optimizer: one of :data:`~auxgen.SUPPORTED_OPTIMIZERS` (any optimiser with
-                ``lookahead="sgd"``) over :meth:`model_parameters` or a subset of them.
+            optimizer: an optimiser over :meth:`model_parameters` or a subset of them; one
+                of :data:`~auxgen.SUPPORTED_OPTIMIZERS` when a task is learned (any with
+                ``lookahead="sgd"``).
             gen_optimizer: optimiser over :meth:`generator_parameters`; ``None`` keeps the
                 learned tasks fixed.
             aux_target: fixed auxiliary labels for the tasks that take them
