@@ -2,7 +2,7 @@
 
 Examples::
 
-    auxgen demo                      # offline digits demo, ~45 s on 2 shared CPU cores
+    auxgen demo                      # offline digits demo, ~2 min on 2 shared CPU cores
     auxgen demo --smoke --out /tmp/demo
     auxgen run --dataset cifar100 --data-dir ~/data --methods single human maxl-copy \\
         --seeds 0 1 --train-subset 50 --epochs 20 --out runs/cifar100
@@ -130,19 +130,19 @@ def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="offline demo on scikit-learn digits (primary: digit >= 5; aux: the digit)",
-        description="Train single-task, human, random, k-means and MAXL on scikit-learn's "
-        "digits (primary task: digit >= 5, psi = (5, 5), human auxiliary task: the digit) "
-        "with the same small CNN and budget; print and save a results table, accuracy "
-        "curves and pictures of what MAXL learned.",
+        description="Train single-task, human, random, k-means, MAXL and the rotation tasks "
+        "on 10 images per digit of scikit-learn's digits (primary task: digit >= 5, psi = "
+        "(5, 5), human auxiliary task: the digit) with the same small CNN and budget; print "
+        "and save a results table, accuracy curves and pictures of what MAXL learned.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (3)")
-    demo.add_argument("--epochs", type=_positive_int, default=15, help="epochs per run (15)")
+    demo.add_argument("--epochs", type=_positive_int, default=30, help="epochs per run (30)")
     demo.add_argument(
         "--train-subset",
         type=_subset,
-        default=20,
-        help="training images per digit, or 'all' (default: 20)",
+        default=10,
+        help="training images per digit, or 'all' (default: 10)",
     )
     demo.add_argument(
         "--methods",

@@ -65,7 +65,9 @@ def test_demo_smoke_writes_everything(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in res["summary"]]
-    assert labels == ["single", "human", "random", "kmeans", "maxl-copy"]
+    assert labels == [
+        "single", "human", "random", "kmeans", "maxl-copy", "transform", "transform-joint"
+    ]  # fmt: skip
     assert all(len(r["seeds"]) == 2 for r in res["summary"])
     assert "| maxl-copy |" in (out / "results.md").read_text()
     assert "test accuracy (%)" in stdout and "NMI" in stdout and "maxl-copy" in stdout
