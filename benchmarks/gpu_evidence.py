@@ -61,6 +61,7 @@ RUN = {
     "dataset": "cifar100", "backbone": "cifar_resnet18", "train_subset": None,
     "val_fraction": 0.2, "augment": True, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
     "weight_decay": 5e-4, "schedule": "onecycle", "gen_lr": 1e-3, "progress": False,
+    "checkpoint": False,  # a checkpoint per epoch would cost more than the epoch on a GPU
 }  # fmt: skip
 #: Step-cost configurations: ``None`` is the plain step, else AuxiliaryLabeler options.
 STEP_CONFIGS: dict[str, Optional[dict[str, Any]]] = {
