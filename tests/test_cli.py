@@ -5,17 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import rank_logs, torchrun_cmd
+from helpers import fake_cifar100, rank_logs, torchrun_cmd
 
 from auxgen.cli import main
-from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,23 +32,6 @@ def _auxgen(*args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _fake_cifar100(root: Path, n_train: int = 400, n_test: int = 100) -> Path:
-    """A tiny dataset in CIFAR-100's on-disk format (random pixels, valid labels)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = np.arange(n) % 100
-        batch = {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "fine_labels": fine.tolist(),
-            "coarse_labels": [CIFAR100_FINE_TO_COARSE[f] for f in fine],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    return root
 
 
 def test_demo_smoke_writes_everything(tmp_path: Path) -> None:
@@ -167,7 +147,7 @@ def test_quickstart_example_smoke(capsys) -> None:
 
 @pytest.mark.filterwarnings("ignore::auxgen.experiments.cifar.ChecksumWarning")
 def test_cifar100_example_smoke(tmp_path: Path, capsys) -> None:
-    data_dir = _fake_cifar100(tmp_path / "data")
+    data_dir = fake_cifar100(tmp_path / "data")
     out = tmp_path / "out"
     module = _load_example("cifar100_hierarchy")
     module.main(

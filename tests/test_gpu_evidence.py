@@ -4,12 +4,11 @@ the time plan stays within its budget."""
 
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import fake_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -17,27 +16,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_data  # noqa: E402
 import gpu_evidence  # noqa: E402
 
-from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE  # noqa: E402
-
-
-def _fake_cifar100(root: Path, per_class: int = 20, n_test: int = 200) -> Path:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 100 * per_class), ("test", n_test)):
-        fine = rng.permutation(np.arange(n) % 100)
-        batch = {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "fine_labels": fine.tolist(),
-            "coarse_labels": [CIFAR100_FINE_TO_COARSE[f] for f in fine],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    return root
-
 
 def test_payload_is_the_harness_subset_and_the_smoke_run_completes(tmp_path: Path) -> None:
-    full = _fake_cifar100(tmp_path / "full")
+    full = fake_cifar100(tmp_path / "full", n_train=2000, n_test=200, shuffle=True)
     payload = tmp_path / "payload"
     sizes = gpu_data.write_payload(str(full), payload, train_subset=0.25)
     assert sizes["train"] == 500 and sizes["test"] == 200
