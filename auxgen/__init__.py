@@ -10,6 +10,7 @@ from .tasks import (
     GeneratedLabels,
     LearnedWeight,
     TransformLabels,
+    colour_permutations,
     rotations,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "masked_softmax",
     "owner_index",
     "rotations",
+    "colour_permutations",
     "__version__",
 ]

@@ -179,6 +179,19 @@ def test_custom_transforms_on_token_ids() -> None:
     assert torch.isfinite(out["loss"]) and lab.aux_head.out_features == 2
 
 
+def test_colour_permutations_as_transforms() -> None:
+    from auxgen import colour_permutations
+
+    transforms, names = colour_permutations()
+    x = torch.randn(2, 3, 4, 4)
+    outs = [x if fn is None else fn(x) for fn in transforms]
+    assert len({tuple(o[0, :, 0, 0].tolist()) for o in outs}) == 6  # six distinct orders
+    task = TransformLabels(transforms, names, form="joint")
+    lab = AuxiliaryLabeler(_model(), tasks=task).double()
+    out = lab.step(*_batch(), torch.optim.SGD(lab.model_parameters(), lr=0.1))
+    assert lab.aux_head.out_features == C * 6 and torch.isfinite(out["loss"])
+
+
 def test_rotations_helper() -> None:
     transforms, names = rotations()
     x = torch.arange(16.0).view(1, 1, 4, 4)

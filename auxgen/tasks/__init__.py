@@ -12,7 +12,7 @@ from typing import Any
 
 from .base import AuxiliaryTask, TaskContext, TaskPlan
 from .labels import GENERATORS, FixedLabels, GeneratedLabels
-from .transforms import Rotate, TransformLabels, rotations
+from .transforms import PermuteChannels, Rotate, TransformLabels, colour_permutations, rotations
 from .weighting import LearnedWeight
 
 __all__ = [
@@ -24,7 +24,9 @@ __all__ = [
     "TaskContext",
     "TaskPlan",
     "LearnedWeight",
+    "PermuteChannels",
     "Rotate",
+    "colour_permutations",
     "TransformLabels",
     "rotations",
 ]

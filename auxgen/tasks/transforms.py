@@ -29,7 +29,10 @@ from torch import Tensor, nn
 
 from .base import AuxiliaryTask, TaskContext, TaskPlan, check_weight, widen
 
-__all__ = ["FORMS", "VIEWS", "Rotate", "TransformLabels", "rotations"]
+__all__ = [
+    "FORMS", "VIEWS", "PermuteChannels", "Rotate", "TransformLabels", "colour_permutations",
+    "rotations",
+]  # fmt: skip
 
 #: ``form=`` values of :class:`TransformLabels`.
 FORMS = ("joint", "predict", "both")
@@ -69,13 +72,45 @@ def rotations() -> tuple[list[Transform], list[str]]:
     return [None, Rotate(1), Rotate(2), Rotate(3)], ["rot0", "rot90", "rot180", "rot270"]
 
 
+class PermuteChannels:
+    """Reorder the channels of a batch of images ``(N, C, H, W)``; picklable."""
+
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = [int(i) for i in order]
+        self.__name__ = "perm" + "".join(map(str, self.order))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x[:, self.order]
+
+    def __repr__(self) -> str:
+        return f"PermuteChannels({self.order})"
+
+
+def colour_permutations() -> tuple[list[Transform], list[str]]:
+    """The six orders of an RGB image's channels (SLA's colour permutations), identity first.
+
+    Example:
+        >>> transforms, names = colour_permutations()
+        >>> names
+        ['rgb', 'rbg', 'grb', 'gbr', 'brg', 'bgr']
+        >>> transforms[5](torch.arange(3.0).view(1, 3, 1, 1)).flatten().tolist()
+        [2.0, 1.0, 0.0]
+    """
+    import itertools
+
+    orders = list(itertools.permutations(range(3)))
+    names = ["".join("rgb"[i] for i in order) for order in orders]
+    return [None] + [PermuteChannels(order) for order in orders[1:]], names
+
+
 class TransformLabels(AuxiliaryTask):
     r"""Auxiliary targets made from ``K`` input transforms (rotations by default).
 
     Args:
         transforms: ``K >= 2`` batch-to-batch callables (``None`` for the identity), each
-            keeping the batch's shape and dtype: flips, colour permutations, a text or an
-            audio transform. Default: :func:`rotations`.
+            keeping the batch's shape and dtype: flips, colour permutations
+            (:func:`colour_permutations`), a text or an audio transform. Default:
+            :func:`rotations`.
         names: a name per transform (default: the callables' ``__name__``, ``"identity"``
             for ``None``).
         form: ``"joint"`` (SLA's (class, transform) labels, ``psi = K`` per class),
