@@ -124,7 +124,6 @@ def cost_plot(summary: dict, path: Path) -> None:
         ax.annotate(f"{pt['label']} ({pt['seeds']})", (pt["cost"], pt["gain"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
     ax.set_xlabel("training time per epoch / single-task's (same sweep)")
     ax.set_ylabel("test accuracy − single-task, paired (points)")
     ax.set_title(f"{summary['regime']}: accuracy against cost (mean ± std over seeds)")
