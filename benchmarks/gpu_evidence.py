@@ -32,10 +32,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -114,6 +116,7 @@ def step_costs(
     compile_modes: tuple[bool, ...],
     bf16: bool,
     compile_configs: tuple[str, ...] = ("plain", "transform"),
+    deadline: float = math.inf,
 ) -> list[dict[str, Any]]:
     """Median ms per step and peak memory of every configuration, side by side.
 
@@ -126,6 +129,8 @@ def step_costs(
         compile_modes: ``(False, True)`` to also measure ``torch.compile``'d models.
         bf16: run the steps under bf16 autocast.
         compile_configs: the configurations measured compiled (compiling takes a while).
+        deadline: a ``time.time()`` after which the remaining configurations are skipped
+            (recorded as such), so that the training runs keep their share of the budget.
     """
     rows = []
     for label, (name, size) in models.items():
@@ -137,6 +142,10 @@ def step_costs(
                 if compile_ and config not in compile_configs:
                     continue
                 row: dict[str, Any] = {"model": label, "config": config, "compile": compile_}
+                if time.time() > deadline:
+                    row["error"] = "skipped: the step-cost share of the budget was spent"
+                    rows.append(row)
+                    continue
                 try:
                     row.update(
                         _measure(name, config, x, y, compile_, device, repeats, warmup, bf16)
@@ -176,7 +185,9 @@ def _config(regime: str, method: str, seed: int, a: argparse.Namespace, epochs: 
     from auxgen.experiments.config import RunConfig
 
     fields = {**RUN, **REGIMES[regime][0], "data_dir": a.data_dir, "device": a.device}
-    fields.update(epochs=epochs, seed=seed, smoke=a.smoke, threads=1 if a.device == "cpu" else None)
+    # one CPU thread per run on CPU; on a GPU, the machine's cores shared among the parallel runs
+    threads = 1 if a.device == "cpu" else max(1, (os.cpu_count() or 2) // a.parallel)
+    fields.update(epochs=epochs, seed=seed, smoke=a.smoke, threads=threads)
     fields["out_dir"] = str(Path(a.work) / regime / method / f"seed{seed}")
     if a.smoke:
         fields.update(backbone="cnn", width=8, batch_size=16)
@@ -252,22 +263,31 @@ def run_regimes(
     import multiprocessing as mp
 
     units = _units(a.seeds, a.smoke)
-    results = []
-    with ProcessPoolExecutor(a.parallel, mp_context=mp.get_context("spawn")) as pool:
-        futures = {
-            pool.submit(_unit, r, m, s, _config(r, m, s, a, epochs)): (r, m, s) for r, m, s in units
-        }
-        for fut in as_completed(futures):
+    results: list[dict[str, Any]] = []
+    pool = ProcessPoolExecutor(a.parallel, mp_context=mp.get_context("spawn"))
+    futures = {
+        pool.submit(_unit, r, m, s, _config(r, m, s, a, epochs)): (r, m, s) for r, m, s in units
+    }
+    try:
+        for fut in as_completed(futures, timeout=max(1.0, deadline - time.time())):
             r, m, s = futures[fut]
             try:
-                results.append(fut.result(timeout=max(1.0, deadline - time.time())))
+                results.append(fut.result())
             except Exception as e:  # noqa: BLE001 - recorded in the summary
                 results.append({"regime": r, "method": m, "seed": s, "error": repr(e)[:300]})
             logger.info("run %s", results[-1])
             on_result(results)
-            if time.time() > deadline:
-                for f in futures:
-                    f.cancel()
+    except FuturesTimeout:
+        late = [futures[f] for f in futures if not f.done()]
+        logger.info("deadline: %d runs not finished, stopped", len(late))
+        results += [{"regime": r, "method": m, "seed": s, "error": "not finished by the deadline"}
+                    for r, m, s in late]  # fmt: skip
+        on_result(results)
+    finally:  # never wait for runs past the deadline: the command must end in time
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.terminate()
     return results
 
 
@@ -383,7 +403,7 @@ def _main(a: argparse.Namespace, out: Path, argv: Optional[list[str]]) -> dict[s
     costs = step_costs(
         models, device, batch=8 if a.smoke else 128, repeats=3 if a.smoke else 10,
         warmup=1 if a.smoke else 3, compile_modes=(False,) if a.no_compile or a.smoke else
-        (False, True), bf16=device.type == "cuda",
+        (False, True), bf16=device.type == "cuda", deadline=t_start + 0.4 * a.budget_s,
     )  # fmt: skip
     step_ms = _method_ms(costs, "tiny" if a.smoke else "resnet18")
     units = _units(a.seeds, a.smoke)
