@@ -172,13 +172,16 @@ def _measure(name, config, x, y, compile_, device, repeats, warmup, bf16) -> dic
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(step, device, repeats * runner.cycle)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_mb": peak,
-            "warmup_s": first_s}  # fmt: skip
+    # the median is a typical step; the mean over whole meta_every cycles is the amortised cost
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+            "min_ms": min(times), "peak_mb": peak, "warmup_s": first_s}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- regimes
-def _units(seeds: list[int], smoke: bool) -> list[tuple[str, str, int]]:
-    return [(r, m, s) for s in seeds for r, (_, methods) in REGIMES.items() for m in methods]
+def _units(a: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(regime, method, seed) of every run, seeds outermost (a deadline cuts whole seeds)."""
+    return [(r, m, s) for s in a.seeds for r, (_, methods) in REGIMES.items() for m in methods
+            if (not a.regimes or r in a.regimes) and (not a.methods or m in a.methods)]  # fmt: skip
 
 
 def _config(regime: str, method: str, seed: int, a: argparse.Namespace, epochs: int):
@@ -262,7 +265,7 @@ def run_regimes(
     ``on_result`` gets the results so far after every finished run."""
     import multiprocessing as mp
 
-    units = _units(a.seeds, a.smoke)
+    units = _units(a)
     results: list[dict[str, Any]] = []
     pool = ProcessPoolExecutor(a.parallel, mp_context=mp.get_context("spawn"))
     futures = {
@@ -328,7 +331,7 @@ def _table(costs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
             continue
         base = plain.get((c["model"], c["compile"]))
         ratio = c["median_ms"] / base if base else math.nan
-        peak = f"{c['peak_mb']:.0f}" if c["peak_mb"] is not None else "-"
+        peak = f"{c['peak_mb']:.0f}" if c.get("peak_mb") is not None else "-"
         lines.append(
             f"{c['model']:<10} {c['config']:<18} {c['compile']!s:<8} {c['median_ms']:>9.1f} "
             f"{ratio:>8.2f} {peak:>9}"
@@ -354,6 +357,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default=None, help="default: next to --out")
     p.add_argument("--work", default="gpu_out/runs", help="the runs' folders")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--regimes", nargs="+", choices=list(REGIMES), help="default: all")
+    p.add_argument("--methods", nargs="+", help="default: each regime's")
+    p.add_argument("--step-costs-from", help="a previous summary JSON: reuse its step costs")
     p.add_argument("--epochs", type=int, default=200, help="at most; fewer if over budget")
     p.add_argument("--parallel", type=int, default=8, help="runs at once on the device")
     p.add_argument("--budget-s", type=float, default=420.0, help="for the whole command")
@@ -400,13 +406,16 @@ def _main(a: argparse.Namespace, out: Path, argv: Optional[list[str]]) -> dict[s
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     models = {"tiny": ("tiny", 16)} if a.smoke else {
         "resnet18": ("cifar_resnet18", 32), "vit_s16": ("vit_small_patch16_224", 224)}  # fmt: skip
-    costs = step_costs(
-        models, device, batch=8 if a.smoke else 128, repeats=3 if a.smoke else 10,
-        warmup=1 if a.smoke else 3, compile_modes=(False,) if a.no_compile or a.smoke else
-        (False, True), bf16=device.type == "cuda", deadline=t_start + 0.4 * a.budget_s,
-    )  # fmt: skip
+    if a.step_costs_from:  # a second run that trains only: the step costs of an earlier one
+        costs = json.loads(Path(a.step_costs_from).read_text())["step_costs"]
+    else:
+        costs = step_costs(
+            models, device, batch=8 if a.smoke else 128, repeats=3 if a.smoke else 10,
+            warmup=1 if a.smoke else 3, compile_modes=(False,) if a.no_compile or a.smoke else
+            (False, True), bf16=device.type == "cuda", deadline=t_start + 0.4 * a.budget_s,
+        )  # fmt: skip
     step_ms = _method_ms(costs, "tiny" if a.smoke else "resnet18")
-    units = _units(a.seeds, a.smoke)
+    units = _units(a)
     per_epoch = _steps_per_epoch(a)
     left = a.budget_s - (time.time() - t_start) - 15  # the summary and the pool's start
     epochs, planned = plan_epochs(

@@ -4,6 +4,7 @@ the time plan stays within its budget."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -58,3 +59,41 @@ def test_time_plan_fits_the_budget(parallel: int) -> None:
     assert more >= epochs
     assert gpu_evidence.plan_epochs(units, ms, {"a": 16}, budget_s=10, parallel=1,
                                     max_epochs=200, overhead_s=20) == (0, 0.0)  # fmt: skip
+
+
+def test_runs_stop_at_the_deadline_and_a_second_command_reuses_step_costs(tmp_path: Path) -> None:
+    import time
+
+    import gpu_report
+
+    full = fake_cifar100(tmp_path / "full", n_train=2000, n_test=200, shuffle=True)
+    payload = tmp_path / "payload"
+    gpu_data.write_payload(str(full), payload, train_subset=0.25)
+    data = ["--device", "cpu", "--smoke", "--data-dir", str(payload / "data")]
+    a = gpu_evidence._parser().parse_args(data + ["--parallel", "2", "--seeds", "0"])
+    t0 = time.time()
+    late = gpu_evidence.run_regimes(a, 1, time.time() + 0.5, lambda results: None)
+    assert time.time() - t0 < 30  # returned at the deadline, not after the runs
+    assert late and all(r["error"] == "not finished by the deadline" for r in late)
+
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps({"step_costs": [
+        {"model": "tiny", "config": "plain", "compile": False, "median_ms": 5.0}]}))  # fmt: skip
+    report = gpu_evidence.main(
+        data
+        + ["--out", str(tmp_path / "second.json"), "--work", str(tmp_path / "runs")]
+        + ["--seeds", "0", "1", "--parallel", "2", "--regimes", "coarse10"]
+        + ["--methods", "single", "transform", "--step-costs-from", str(first)]
+    )
+    assert report["step_costs"] == json.loads(first.read_text())["step_costs"]
+    assert sorted((r["method"], r["seed"]) for r in report["runs"]) == [
+        ("single", 0), ("single", 1), ("transform", 0), ("transform", 1)]  # fmt: skip
+    table = gpu_report.rows(report)
+    by = {r["method"]: r for r in table}
+    tests = {(r["method"], r["seed"]): 100 * r["test"] for r in report["runs"]}
+    assert by["transform"]["paired"] == pytest.approx(
+        [tests["transform", s] - tests["single", s] for s in (0, 1)])  # fmt: skip
+    text = gpu_report.markdown(table)
+    assert text.count("\n") == 3 and "| coarse10 | 1 | transform |" in text
+    gpu_report.plot(table, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
