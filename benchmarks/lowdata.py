@@ -14,6 +14,8 @@ Usage::
 
     python benchmarks/lowdata.py --data-dir ~/data --regimes fmnist5 --jobs 2
     python benchmarks/lowdata.py --data-dir ~/data --regimes all --seeds 0 1 2 --table
+    python benchmarks/lowdata.py --merge docs/results/cifar10cnn5_aug.json \\
+        runs/summaries/cifar10cnn5_aug.json   # more seeds or methods into a committed summary
 
 The regimes (``REGIMES`` below) use the ``mlp`` backbone at 5% of each class: it fits the
 few thousand training images within a few epochs (the over-fitting regime where auxiliary
@@ -212,9 +214,62 @@ def run_regime(
     return summary
 
 
+#: config fields that may differ between the runs of one regime
+_PER_RUN = ("seed", "method", *_LOCAL)
+
+
+def merge_summaries(*summaries: dict) -> dict:
+    """One regime summary from several (e.g. seeds 0-2 from one session, 3-4 from the next).
+
+    Runs are keyed by (method, seed); a later summary's run replaces an earlier one's. Every
+    run must have been made with the same settings (the config without seed and method),
+    otherwise the merge is refused: pairing seeds across different settings would be wrong.
+
+    Raises:
+        ValueError: if ``summaries`` is empty, names different regimes, or a run's settings
+            differ from the first run's.
+    """
+    if not summaries:
+        raise ValueError("merge_summaries: expected at least one summary, got none")
+    regimes = {s.get("regime") for s in summaries}
+    if len(regimes) != 1:
+        raise ValueError(f"merge_summaries: expected one regime, got {sorted(map(str, regimes))}")
+    from auxgen.experiments.sweep import summarize
+
+    runs: dict[tuple[str, int], dict] = {}
+    ref: Optional[dict] = None
+    for s in summaries:
+        for r in s["runs"]:
+            setting = {k: v for k, v in r["config"].items() if k not in _PER_RUN}
+            if ref is None:
+                ref = setting
+            diff = sorted(k for k in ref.keys() | setting.keys() if ref.get(k) != setting.get(k))
+            if diff:
+                raise ValueError(
+                    f"merge_summaries: run {r['label']!r} seed {r['config']['seed']} differs "
+                    f"in settings {diff}; expected the same settings for every run"
+                )
+            runs[(r["label"], r["config"]["seed"])] = r
+    order = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
+    merged = sorted(runs.values(), key=lambda r: (order.index(r["label"]), r["config"]["seed"]))
+    out = dict(summaries[0])
+    out["runs"] = merged
+    out["methods"] = order
+    out["seeds"] = sorted({r["config"]["seed"] for r in merged})
+    out["summary"] = summarize(merged)
+    out["sweep_wall_time_s"] = sum(s.get("sweep_wall_time_s", 0.0) for s in summaries)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", help="the datasets' folder (required unless --merge)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="merge these summaries of one regime (later runs win) into --summary-dir; no runs",
+    )
     p.add_argument("--regimes", nargs="+", default=["all"], help=f"{', '.join(REGIMES)}, all")
     p.add_argument("--methods", nargs="+", default=None, help="override the regime's methods")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -222,6 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/lowdata")
     p.add_argument("--summary-dir", default="docs/results")
     a = p.parse_args(argv)
+    if a.merge:
+        merged = merge_summaries(*(json.loads(Path(f).read_text()) for f in a.merge))
+        Path(a.summary_dir).mkdir(parents=True, exist_ok=True)
+        dest = Path(a.summary_dir) / f"{merged['regime']}.json"
+        dest.write_text(json.dumps(merged, indent=1) + "\n")
+        print(
+            f"{dest}: {len(merged['runs'])} runs, methods {merged['methods']}, "
+            f"seeds {merged['seeds']}"
+        )
+        return 0
+    if not a.data_dir:
+        p.error("--data-dir is required (unless --merge)")
     names = list(REGIMES) if a.regimes == ["all"] else a.regimes
     for n in names:
         if n not in REGIMES:
