@@ -222,32 +222,42 @@ def merge_summaries(*summaries: dict) -> dict:
     """One regime summary from several (e.g. seeds 0-2 from one session, 3-4 from the next).
 
     Runs are keyed by (method, seed); a later summary's run replaces an earlier one's. Every
-    run must have been made with the same settings (the config without seed and method),
-    otherwise the merge is refused: pairing seeds across different settings would be wrong.
+    run of one method must have been made with the same settings (the config without the seed
+    and machine-local fields), otherwise the merge is refused: pairing seeds across different
+    settings would be wrong. Different methods may differ (e.g. in ``transform``).
 
     Raises:
-        ValueError: if ``summaries`` is empty, names different regimes, or a run's settings
-            differ from the first run's.
+        ValueError: if ``summaries`` is empty, names different regimes, their regime settings
+            differ, or a run's settings differ from those of the first run of its method.
     """
     if not summaries:
         raise ValueError("merge_summaries: expected at least one summary, got none")
     regimes = {s.get("regime") for s in summaries}
     if len(regimes) != 1:
         raise ValueError(f"merge_summaries: expected one regime, got {sorted(map(str, regimes))}")
+    shared = [
+        {k: v for k, v in s.get("config", {}).items() if k not in _PER_RUN} for s in summaries
+    ]
+    for i, c in enumerate(shared[1:], 1):
+        diff = sorted(k for k in shared[0].keys() | c.keys() if shared[0].get(k) != c.get(k))
+        if diff:
+            raise ValueError(
+                f"merge_summaries: summary {i} has regime settings {diff} unlike summary 0's; "
+                "expected the same regime settings"
+            )
     from auxgen.experiments.sweep import summarize
 
     runs: dict[tuple[str, int], dict] = {}
-    ref: Optional[dict] = None
+    refs: dict[str, dict] = {}
     for s in summaries:
         for r in s["runs"]:
             setting = {k: v for k, v in r["config"].items() if k not in _PER_RUN}
-            if ref is None:
-                ref = setting
+            ref = refs.setdefault(r["label"], setting)
             diff = sorted(k for k in ref.keys() | setting.keys() if ref.get(k) != setting.get(k))
             if diff:
                 raise ValueError(
                     f"merge_summaries: run {r['label']!r} seed {r['config']['seed']} differs "
-                    f"in settings {diff}; expected the same settings for every run"
+                    f"in settings {diff}; expected the same settings for every run of a method"
                 )
             runs[(r["label"], r["config"]["seed"])] = r
     order = list(dict.fromkeys(m for s in summaries for m in s["methods"]))

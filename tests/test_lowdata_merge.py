@@ -52,6 +52,8 @@ def test_merge_refuses_runs_with_different_settings_and_regimes() -> None:
     b = _summary(["single"], [_run("single", 1, 0.41, epochs=60)])
     with pytest.raises(ValueError, match=r"seed 1 differs in settings \['epochs'\]"):
         merge_summaries(a, b)
+    with pytest.raises(ValueError, match=r"summary 1 has regime settings \['epochs'\]"):
+        merge_summaries(a, {**a, "config": {"epochs": 60}})
     with pytest.raises(ValueError, match="expected one regime"):
         merge_summaries(a, {**b, "regime": "other"})
     with pytest.raises(ValueError, match="expected at least one summary"):
@@ -68,3 +70,27 @@ def test_merge_command_writes_the_regime_summary(tmp_path: Path) -> None:
                  "--summary-dir", str(out)]) == 0  # fmt: skip
     merged = json.loads((out / "toy.json").read_text())
     assert merged["seeds"] == [0, 1] and merged["summary"][0]["accuracy_mean"] == pytest.approx(0.4)
+
+
+def test_merge_lets_methods_differ_from_each_other_but_not_from_themselves() -> None:
+    def run(label: str, seed: int, transform: str) -> dict:
+        r = _run(label, seed, 0.5)
+        r["config"]["transform"] = transform
+        return r
+
+    a = _summary(
+        ["single", "transform-predict"],
+        [run("single", 0, "both"), run("transform-predict", 0, "predict")],
+    )
+    b = _summary(["single"], [run("single", 1, "both")])
+    m = merge_summaries(a, b)
+    assert [(r["label"], r["config"]["seed"]) for r in m["runs"]] == [
+        ("single", 0),
+        ("single", 1),
+        ("transform-predict", 0),
+    ]
+    c = _summary(["transform-predict"], [run("transform-predict", 1, "joint")])
+    with pytest.raises(
+        ValueError, match=r"'transform-predict' seed 1 differs in settings \['transform'\]"
+    ):
+        merge_summaries(a, c)
