@@ -7,6 +7,7 @@ from .step import NonFiniteError
 from .tasks import (
     AuxiliaryTask,
     FixedLabels,
+    GeneratedCellLabels,
     GeneratedLabels,
     LearnedWeight,
     TransformLabels,
@@ -20,6 +21,7 @@ __all__ = [
     "AuxiliaryLabeler",
     "AuxiliaryTask",
     "FixedLabels",
+    "GeneratedCellLabels",
     "GeneratedLabels",
     "LearnedWeight",
     "NonFiniteError",

@@ -110,6 +110,9 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
             "transform-one",
             "random",
             "maxl-copy",
+            "transform-maxl",
+            "transform-cells",
+            "transform-autol",
         ],
     ),  # fmt: skip
     # AuxiLearn's setting on the cnn with augmentation.

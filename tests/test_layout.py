@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = (
     "__init__", "labeler", "step", "meta", "mirror", "distributed", "checks", "backbone",
     "hierarchy", "losses", "checkpoint", "tasks/__init__", "tasks/base", "tasks/labels",
-    "tasks/transforms", "tasks/weighting",
+    "tasks/transforms", "tasks/weighting", "tasks/cells",
 )  # fmt: skip
 #: Packages of the ``experiments`` extra (the harness and the CLI), not of the library
 #: (tqdm also comes with timm's huggingface_hub, so only the other two are checked loaded).

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from auxgen.experiments.config import RunConfig, check_config, parse_method
+from auxgen.experiments.config import (
+    TRANSFORM_VARIANTS,
+    RunConfig,
+    check_config,
+    parse_method,
+)
 from auxgen.experiments.datasets import load_data
 from auxgen.experiments.models import SmallCNN, build_model, check_backbone
 from auxgen.experiments.sweep import format_table, markdown_table, run_sweep, summarize
@@ -59,6 +64,23 @@ def test_each_method_trains(spec: str, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["final_test_accuracy"] == res["final_test_accuracy"]
     assert (tmp_path / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("variant", TRANSFORM_VARIANTS)
+def test_each_transform_variant_trains(variant: str) -> None:
+    cfg = dataclasses.replace(TINY, method="transform", transform=variant, generator="copy")
+    res = train(cfg)
+    assert res["label"] == ("transform" if variant == "both" else f"transform-{variant}")
+    learned = variant in ("maxl", "cells", "autol")
+    assert res["history"][0]["meta_updates"] == (3 if learned else 0)
+    assert (res["generator_parameters"] > 0) == learned
+    assert ("aggregated_test_accuracy" in res["aux"]) == (variant != "predict")
+    if variant in ("maxl", "cells"):  # the generated labels respect the hierarchy
+        counts = torch.tensor(res["aux"]["aux_fine_counts_test"])
+        assert counts.shape == (10, 10) and int(counts.sum()) == 100
+        assert int(counts[:5, 5:].sum()) == 0 and int(counts[5:, :5].sum()) == 0
+    else:
+        assert "aux_nmi_test" not in res["aux"]
 
 
 def test_same_seed_same_results_other_seed_differs() -> None:

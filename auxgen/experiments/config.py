@@ -58,10 +58,11 @@ METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl", "tran
 #: rotation per image: about half the cost), ``sd`` (``joint`` with SLA's self-distillation
 #: of the aggregated prediction into the primary head), ``pviews`` (``both``, and the primary
 #: loss also on the rotated views), ``maxl`` (``both`` with MAXL's generated labels as a
-#: second auxiliary task) and ``autol`` (``both`` with its loss weight learned by the
-#: meta-gradient, Auto-lambda).
+#: second auxiliary task), ``cells`` (``both`` with MAXL's generated sub-labels inside
+#: each (class, rotation) cell as a second auxiliary task) and ``autol`` (``both`` with its
+#: loss weight learned by the meta-gradient, Auto-lambda).
 TRANSFORM_VARIANTS: tuple[str, ...] = (
-    "both", "joint", "predict", "one", "sd", "pviews", "maxl", "autol",
+    "both", "joint", "predict", "one", "sd", "pviews", "maxl", "cells", "autol",
 )  # fmt: skip
 DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10", "mnist", "fashionmnist")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")

@@ -97,7 +97,7 @@ def aux_analysis(
     out: dict[str, Any] = {}
     if cfg.method == "single" or not data.has_hierarchy:
         return out
-    if cfg.method == "transform" and cfg.transform != "maxl":  # no generated labels
+    if cfg.method == "transform" and cfg.transform not in ("maxl", "cells"):  # no generated labels
         return out
     num_aux = sum(data.psi)
     if fixed is not None:

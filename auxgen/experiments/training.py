@@ -26,7 +26,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..labeler import AuxiliaryLabeler
-from ..tasks import AuxiliaryTask, GeneratedLabels, LearnedWeight, TransformLabels
+from ..tasks import (
+    AuxiliaryTask,
+    GeneratedCellLabels,
+    GeneratedLabels,
+    LearnedWeight,
+    TransformLabels,
+)
 from . import checkpoints as C
 from .batches import epoch_batches, prepare, steps_per_epoch
 from .config import RunConfig
@@ -71,7 +77,7 @@ def _clean_aux_labels(cfg: RunConfig, data: Data) -> Optional[Tensor]:
 def _learns(cfg: RunConfig) -> bool:
     """Whether the run trains tasks by the meta-gradient (and so has a generator optimiser)."""
     return cfg.method == "maxl" or (
-        cfg.method == "transform" and cfg.transform in ("maxl", "autol")
+        cfg.method == "transform" and cfg.transform in ("maxl", "cells", "autol")
     )
 
 
@@ -98,6 +104,16 @@ def _tasks(cfg: RunConfig, data: Data) -> list[AuxiliaryTask]:
     elif variant == "pviews":
         options["primary_views"] = True
     task = TransformLabels(**options)
+    if variant == "cells":
+        cells = GeneratedCellLabels(
+            data.psi,
+            generator=cfg.generator,
+            weight=cfg.aux_weight,
+            entropy_weight=cfg.entropy_weight,
+            confidence_weight=cfg.confidence_weight,
+            label_temperature=cfg.label_temperature,
+        )
+        return [task, cells]
     if variant == "autol":
         return [LearnedWeight(task)]
     return [task, maxl] if variant == "maxl" else [task]

@@ -4,6 +4,8 @@
 * :class:`FixedLabels`: labels given at each step (human, random, k-means);
 * :class:`TransformLabels`: labels from input transformations (rotations by default):
   transform prediction and SLA's joint (class, transform) labels;
+* :class:`GeneratedCellLabels`: MAXL's generated labels inside SLA's (class, transform)
+  cells;
 * :class:`LearnedWeight`: a task's loss weight learned by the meta-gradient (Auto-lambda);
 * :class:`AuxiliaryTask`: the protocol, to write your own.
 """
@@ -11,6 +13,7 @@
 from typing import Any
 
 from .base import AuxiliaryTask, TaskContext, TaskPlan
+from .cells import GeneratedCellLabels
 from .labels import GENERATORS, FixedLabels, GeneratedLabels
 from .transforms import PermuteChannels, Rotate, TransformLabels, colour_permutations, rotations
 from .weighting import LearnedWeight
@@ -20,6 +23,7 @@ __all__ = [
     "GENERATORS",
     "AuxiliaryTask",
     "FixedLabels",
+    "GeneratedCellLabels",
     "GeneratedLabels",
     "TaskContext",
     "TaskPlan",

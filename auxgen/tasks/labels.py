@@ -305,7 +305,12 @@ class GeneratedLabels(_Hierarchy):
         if plan.targets is not None:
             return plan.targets
         with torch.set_grad_enabled(grad):
-            return masked_log_softmax(self.logits(x, h), y, self.owner).exp()
+            return self.labels(x, y, h)
+
+    def labels(self, x: Tensor, y: Tensor, h: Optional[Tensor]) -> Tensor:
+        """The generated labels ``(N, sum(psi))`` of a batch: rows sum to 1 over ``y``'s
+        children. ``h`` is the batch's features (needed by the ``"head"`` generator only)."""
+        return masked_log_softmax(self.logits(x, h), y, self.owner).exp()
 
     def regularizer(self, t: Tensor) -> Optional[Tensor]:
         reg = self.entropy_weight * neg_entropy(t)
