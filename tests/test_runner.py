@@ -75,6 +75,11 @@ def test_each_transform_variant_trains(variant: str) -> None:
     assert res["history"][0]["meta_updates"] == (3 if learned else 0)
     assert (res["generator_parameters"] > 0) == learned
     assert ("aggregated_test_accuracy" in res["aux"]) == (variant != "predict")
+    weights = res["history"][0].get("task_weights")
+    if variant == "autol":  # the learned weight moved from its start, aux_weight
+        assert set(weights) == {"transform"} and weights["transform"] != cfg.aux_weight > 0
+    else:
+        assert weights is None
     if variant in ("maxl", "cells"):  # the generated labels respect the hierarchy
         counts = torch.tensor(res["aux"]["aux_fine_counts_test"])
         assert counts.shape == (10, 10) and int(counts.sum()) == 100

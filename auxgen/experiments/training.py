@@ -155,7 +155,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     Returns:
         A JSON-able dict: ``config`` (as run), ``label``, ``history`` (per-epoch
         ``train_loss``, ``train_primary_loss``, ``train_aux_loss``, ``train_accuracy``,
-        ``test_accuracy``, ``test_loss``, ``lr``, ``epoch_time_s``, ``meta_updates``),
+        ``test_accuracy``, ``test_loss``, ``lr``, ``epoch_time_s``, ``meta_updates``; with
+        a learned loss weight also ``task_weights``, the weight at the end of the epoch),
         ``final_test_accuracy``, ``final_test_loss``, ``wall_time_s`` (whole run, across
         resumes), ``train_time_s`` (training epochs only), ``num_train``, ``num_test``,
         ``psi``, ``num_parameters``, ``generator_parameters`` and ``aux`` (NMI of the
@@ -311,6 +312,9 @@ def _epoch(cfg: RunConfig, run: _Run, epoch: int, device: torch.device) -> dict[
     }
     if cosines:
         record["train_grad_cosine"] = sum(cosines) / len(cosines)
+    learned = [t for t in run.labeler.tasks if isinstance(t, LearnedWeight)]
+    if learned:  # Auto-lambda: the weight the meta-gradient has reached
+        record["task_weights"] = {t.name: t.weight for t in learned}
     logger.info(
         "%s seed %d epoch %d/%d: loss %.4f (primary %.4f, aux %.4f), train acc %.4f, "
         "%s acc %.4f [%.1fs]",
