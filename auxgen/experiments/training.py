@@ -83,14 +83,14 @@ def _learns(cfg: RunConfig) -> bool:
 
 def _tasks(cfg: RunConfig, data: Data) -> list[AuxiliaryTask]:
     """The run's auxiliary tasks (see :data:`~auxgen.experiments.config.TRANSFORM_VARIANTS`)."""
-    maxl = GeneratedLabels(
-        data.psi,
-        generator=cfg.generator if cfg.method in ("maxl", "transform") else "head",
-        weight=0.0 if cfg.method == "single" else cfg.aux_weight,
-        entropy_weight=cfg.entropy_weight,
-        confidence_weight=cfg.confidence_weight,
-        label_temperature=cfg.label_temperature,
-    )
+    generated: dict[str, Any] = {  # MAXL's options, for GeneratedLabels and the cells
+        "generator": cfg.generator if cfg.method in ("maxl", "transform") else "head",
+        "weight": 0.0 if cfg.method == "single" else cfg.aux_weight,
+        "entropy_weight": cfg.entropy_weight,
+        "confidence_weight": cfg.confidence_weight,
+        "label_temperature": cfg.label_temperature,
+    }
+    maxl = GeneratedLabels(data.psi, **generated)
     if cfg.method != "transform":
         return [maxl]
     variant = cfg.transform
@@ -105,15 +105,7 @@ def _tasks(cfg: RunConfig, data: Data) -> list[AuxiliaryTask]:
         options["primary_views"] = True
     task = TransformLabels(**options)
     if variant == "cells":
-        cells = GeneratedCellLabels(
-            data.psi,
-            generator=cfg.generator,
-            weight=cfg.aux_weight,
-            entropy_weight=cfg.entropy_weight,
-            confidence_weight=cfg.confidence_weight,
-            label_temperature=cfg.label_temperature,
-        )
-        return [task, cells]
+        return [task, GeneratedCellLabels(data.psi, **generated)]
     if variant == "autol":
         return [LearnedWeight(task)]
     return [task, maxl] if variant == "maxl" else [task]
