@@ -93,7 +93,6 @@ class GeneratedCellLabels(GeneratedLabels):
 
     def setup(self, ctx: TaskContext) -> None:
         super().setup(ctx)
-        self._views.setup(ctx)
         self._set_outputs([self.num_transforms * self.num_aux])
 
     def into_cells(self, labels: Tensor) -> Tensor:
@@ -108,7 +107,7 @@ class GeneratedCellLabels(GeneratedLabels):
         return cells.reshape(k * labels.shape[0], k * labels.shape[1])
 
     def plan(self, x: Tensor, y: Tensor, aux_target: Optional[Tensor]) -> TaskPlan:
-        views = self._views.plan(x, y, None).views
+        views = self._views.all_views(x)
         if aux_target is None:
             return TaskPlan(views=views)
         return TaskPlan(views=views, targets=self.into_cells(self.fixed_targets(aux_target, y)))

@@ -196,8 +196,7 @@ class TransformLabels(AuxiliaryTask):
         if self.views == "all":
             ks = torch.arange(k_all, device=y.device).repeat_interleave(n)
             y_rows = y.repeat(k_all)
-            made = [self._transform(i, x) for i in range(k_all) if self.transforms[i] is not None]
-            views = torch.cat(made) if made else None
+            views = self.all_views(x)
         else:
             ks = torch.randint(k_all, (n,)).to(y.device)
             y_rows = y
@@ -207,6 +206,11 @@ class TransformLabels(AuxiliaryTask):
                 if rows.numel() and self.transforms[i] is not None:
                     views[rows] = self._transform(i, x[rows])
         return TaskPlan(views=views, targets=self._targets(y_rows, ks), info=y_rows)
+
+    def all_views(self, x: Tensor) -> Optional[Tensor]:
+        """The batch under every transform but the identity, in order (``None`` if none)."""
+        made = [self._transform(i, x) for i, fn in enumerate(self.transforms) if fn is not None]
+        return torch.cat(made) if made else None
 
     def _transform(self, i: int, x: Tensor) -> Tensor:
         fn = self.transforms[i]
