@@ -41,7 +41,7 @@ def _hand_cells(labels: torch.Tensor) -> torch.Tensor:
     for k in range(K):
         for i in range(N):
             row = torch.zeros(K * A, dtype=labels.dtype)
-            row = torch.cat([row[: k * A], labels[i], row[(k + 1) * A :]])
+            row[k * A : (k + 1) * A] = labels[i]
             rows.append(row)
     return torch.stack(rows)
 
