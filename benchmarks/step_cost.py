@@ -74,6 +74,12 @@ CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "transform": {"transform": {"views": "all"}},
     "transform_one": {"transform": {"views": "one"}},
     "transform_maxl": {"transform": {"views": "all"}, "generator": "head"},
+    # SLA's joint labels with self-distillation; MAXL's sub-labels inside the (class,
+    # rotation) cells (GeneratedCellLabels, with the copy generator of docs/results.md's
+    # runs); the rotation task's weight learned by the meta-gradient (LearnedWeight: Auto-λ)
+    "transform_sd": {"transform": {"form": "joint", "distill": 1.0}},
+    "transform_cells": {"transform": {"views": "all"}, "cells": "copy"},
+    "transform_autol": {"transform": {"views": "all"}, "learned_weight": True},
 }
 
 #: Time-ratio targets (MAXL step / single-task step).
@@ -157,7 +163,13 @@ def build_runner(
     image_size: int = 32,
 ) -> Runner:
     """Build the model (same initialisation for every configuration) and its step."""
-    from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
+    from auxgen import (
+        AuxiliaryLabeler,
+        GeneratedCellLabels,
+        GeneratedLabels,
+        LearnedWeight,
+        TransformLabels,
+    )
 
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes, image_size).to(x.device).train()
@@ -175,7 +187,14 @@ def build_runner(
     options = dict(kwargs)
     transform = options.pop("transform", None)
     maxl = {k: options.pop(k) for k in ("generator",) if k in options}
-    tasks = [] if transform is None else [TransformLabels(**transform)]
+    cells = options.pop("cells", None)
+    learned_weight = options.pop("learned_weight", False)
+    tasks: list[Any] = []
+    if transform is not None:
+        task = TransformLabels(**transform)
+        tasks.append(LearnedWeight(task) if learned_weight else task)
+    if cells is not None:
+        tasks.append(GeneratedCellLabels([psi] * num_classes, generator=cells))
     if maxl or transform is None:
         tasks.append(GeneratedLabels([psi] * num_classes, **maxl))
     labeler = AuxiliaryLabeler(model, tasks=tasks, **options).to(x.device).train()

@@ -18,6 +18,12 @@ CONFIGS = (
     "head_second_order",
     "head_first_order",
     "head_second_order_every4",
+    "transform",
+    "transform_one",
+    "transform_maxl",
+    "transform_sd",
+    "transform_cells",
+    "transform_autol",
 )
 
 
