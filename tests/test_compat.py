@@ -37,12 +37,39 @@ def test_labeler_checkpoint_of_the_previous_layout_continues_identically(generat
     after = saved["after"]
     torch.testing.assert_close(out["loss"], after["loss"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out["meta_loss"], after["meta_loss"], rtol=1e-6, atol=1e-7)
-    lab.eval()
-    torch.testing.assert_close(lab.generate_labels(saved["x"][0], saved["y"]), after["labels"])
     state = {k: v for k, v in lab.state_dict().items() if torch.is_tensor(v)}
     assert sorted(map(_new_name, after["state"])) == sorted(state)
+    noise_driven = _biases_before_batchnorm(lab)
+    assert noise_driven  # the copy generator and the backbone both have one
     for name, old in after["state"].items():
-        torch.testing.assert_close(state[_new_name(name)], old, rtol=1e-6, atol=1e-7, msg=name)
+        if _new_name(name) in noise_driven:
+            # The loss does not depend on a bias that BatchNorm subtracts again, so its
+            # gradient is rounding noise, which Adam normalises into a step of up to
+            # ``lr``: its value after a step depends on the CPU's rounding, not on the file.
+            torch.testing.assert_close(state[_new_name(name)], old, rtol=0, atol=3e-2, msg=name)
+        else:
+            torch.testing.assert_close(state[_new_name(name)], old, rtol=1e-6, atol=1e-7, msg=name)
+    lab.eval()
+    # Eval-mode BatchNorm keeps the running mean of the pre-step bias, so the noise above
+    # moves the labels by about 2e-5; a generator optimiser state that did not load moves
+    # them by about 2e-3.
+    torch.testing.assert_close(
+        lab.generate_labels(saved["x"][0], saved["y"]), after["labels"], rtol=0, atol=2e-4
+    )
+
+
+def _biases_before_batchnorm(module: torch.nn.Module) -> set[str]:
+    """State-dict names of the biases of layers whose output goes straight into BatchNorm."""
+    names = set()
+    for prefix, seq in module.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (name, layer), (_, nxt) in zip(children, children[1:]):
+            bias = getattr(layer, "bias", None)
+            if isinstance(nxt, torch.nn.modules.batchnorm._BatchNorm) and bias is not None:
+                names.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
+    return names
 
 
 def _new_name(old: str) -> str:
