@@ -273,8 +273,10 @@ def primary_logits(out: Any, output: OutputSpec = None) -> Tensor:
 class FeatureTap:
     """The classifier's input, captured by a forward hook during forwards run through it.
 
-    The hook records only inside :meth:`run`, so a user's own ``model(x)`` call never leaves
-    its features (and their autograd graph) referenced here. A feature map ``(N, C,
+    The hook exists only during :meth:`run`: nothing is left on the user's model (a whole
+    ``torch.save(model)`` loads where auxgen is not installed, and wrapping a model twice
+    does not stack hooks), and a user's own ``model(x)`` call never leaves its features
+    (and their autograd graph) referenced here. A feature map ``(N, C,
     *spatial)`` with ``C == feature_dim`` is average-pooled globally; other shapes are
     flattened.
 
@@ -296,20 +298,19 @@ class FeatureTap:
         self.name = name
         self.feature_dim = feature_dim
         self.features: Optional[Tensor] = None
-        self._listening = False
-        self.handle = classifier.register_forward_hook(self._capture)
+        self.classifier = classifier
 
     def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self._listening:
-            self.features = inputs[0]
+        self.features = inputs[0]
 
     def run(self, forward: Callable[[], Any]) -> tuple[Any, Tensor]:
         """Run ``forward()`` (a forward of the model); return its output and the features."""
-        self._listening, self.features = True, None
+        self.features = None
+        handle = self.classifier.register_forward_hook(self._capture)
         try:
             out = forward()
         finally:
-            self._listening = False
+            handle.remove()
         h, self.features = self.features, None
         if h is None:
             raise RuntimeError(

@@ -216,3 +216,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
                 len(cuda),
                 torch.cuda.device_count(),
             )
+
+
+def version2_name(name: str) -> Optional[str]:
+    """A state-dict key of version 1 (one head, MAXL's generator on the labeler) renamed."""
+    if name == "owner":
+        return "tasks.0.owner"
+    for old, new in (("aux_head.", "aux_heads.0."), ("generator.", "tasks.0.generator.")):
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return None

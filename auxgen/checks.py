@@ -113,15 +113,29 @@ def check_optimizers(
     lookahead: str,
     warned: set[type],
     meta: bool = True,
+    *,
+    required: Sequence[Tensor] = (),
+    owner: str = "model_parameters()",
 ) -> None:
     """The step's optimisers: supported (see :func:`auxgen.mirror.check_optimizer`) and over
     the right parameters; warns once per optimiser type approximated by ``lookahead="sgd"``
     (the types already warned about are in ``warned``). Without a learned task (``meta``
-    False) nothing is looked ahead through, and any ``torch.optim`` optimiser is fine."""
+    False) nothing is looked ahead through, and any ``torch.optim`` optimiser is fine.
+    ``optimizer`` must hold every parameter in ``required`` (the auxiliary heads), else they
+    would silently stay untrained; ``owner`` names ``model_parameters`` in messages."""
     check_optimizer(
-        optimizer, model_parameters, argname="optimizer", owner="model_parameters()",
+        optimizer, model_parameters, argname="optimizer", owner=owner,
         mirrored=meta, lookahead=lookahead,
     )  # fmt: skip
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [p for p in required if id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"optimizer does not hold {len(missing)} parameter(s) of the auxiliary heads "
+            "(labeler.aux_heads), so the auxiliary tasks would stay untrained; build it over "
+            "labeler.model_parameters() (or labeler.parameters() for the loss form), not "
+            "model.parameters()"
+        )
     if meta and not is_mirrored(optimizer) and type(optimizer) not in warned:
         warned.add(type(optimizer))
         warnings.warn(

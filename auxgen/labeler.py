@@ -17,6 +17,7 @@ from .backbone import (
     num_classes_of,
     primary_logits,
 )
+from .checkpoint import version2_name
 from .checks import (
     check_batch,
     check_choice,
@@ -25,10 +26,11 @@ from .checks import (
     check_positive_int,
 )
 from .distributed import Ranks, check_sync_batchnorm
+from .loop import HeadGuard, ddp_ignored, loss_forward, meta_update, trained_head_parameters
 from .losses import LOSSES
 from .meta import META_MODES, JVPPlan
 from .mirror import LOOKAHEADS
-from .step import NonFiniteError, StepParts, training_step
+from .step import NonFiniteError, Pending, StepParts, training_step
 from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels, as_task_list
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
@@ -171,6 +173,15 @@ class AuxiliaryLabeler(nn.Module):
         self._approximated: set[type] = set()
         self._steps = 0
         self._synced = False
+        self._loop_state()
+
+    def _loop_state(self) -> None:
+        """What the loss form keeps between a training forward and ``meta_step``."""
+        self._pending: Optional[Pending] = None  # what meta_step() needs from the forward
+        self._forwarded = False  # a training forward since the last meta_step()
+        self._guard = HeadGuard()  # refuses an optimiser without the auxiliary heads
+        # DistributedDataParallel must not wait for what only meta_step() trains
+        self._ddp_params_and_buffers_to_ignore = ddp_ignored(list(self.tasks))
 
     # ------------------------------------------------------------ the first tasks
     def _first(self, what: str, test: Any) -> Any:
@@ -213,10 +224,120 @@ class AuxiliaryLabeler(nn.Module):
         return [p for task in self.tasks for p in task.meta_parameters()]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
-        """Primary logits: ``self.model(x)`` when it returns a tensor, else the logits found
-        in its output (see ``output=``), so ``labeler(x).argmax(1)`` always works."""
-        return primary_logits(self.model(x), self.output)
+    def forward(
+        self, x: Tensor, y: Optional[Tensor] = None, *, aux_target: Optional[Tensor] = None
+    ) -> Any:
+        """Primary logits, or with labels the multi-task loss to ``backward()`` yourself.
+
+        ``labeler(x)`` is the model's primary logits: ``self.model(x)`` when it returns a
+        tensor, else the logits found in its output (see ``output=``), so
+        ``labeler(x).argmax(1)`` always works.
+
+        ``labeler(x, y)`` forwards the batch and every task's views once (BatchNorm
+        statistics move once) and returns the multi-task loss; your loop does the rest
+        (``backward``, clipping, a ``GradScaler``, accumulation, the optimiser, the
+        scheduler). Being ``forward``, it is synchronised by the wrappers that act on
+        ``forward`` (``DistributedDataParallel``, FSDP, Accelerate, Lightning). A learned
+        task is then updated by :meth:`meta_step` between ``backward`` and ``opt.step()``.
+
+        Args:
+            x: input batch.
+            y: ``(batch,)`` primary labels in ``[0, num_classes)``; ``None`` for logits.
+            aux_target: fixed auxiliary labels for the tasks that take them
+                (:class:`~auxgen.FixedLabels`), as in :meth:`step`.
+
+        Returns:
+            Without ``y``, the primary logits. With ``y``, a dict: ``loss`` (scalar: primary
+            + weighted auxiliary losses), ``primary_loss``, ``aux_loss`` (the tasks'
+            unweighted losses summed), ``task_losses`` (by task name) and ``logits`` (the
+            batch's primary logits); all attached to the graph.
+
+        Raises:
+            ValueError: if the optimiser stepped the model but not the auxiliary heads since
+                the previous training forward (it was built from ``model.parameters()``).
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> from auxgen import AuxiliaryLabeler, TransformLabels
+            >>> model = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 2))
+            >>> labeler = AuxiliaryLabeler(model, tasks=TransformLabels())
+            >>> opt = torch.optim.SGD(labeler.parameters(), lr=0.1)
+            >>> x, y = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 0, 1])
+            >>> out = labeler(x, y)
+            >>> out["loss"].backward()
+            >>> opt.step()
+            >>> sorted(out)
+            ['aux_loss', 'logits', 'loss', 'primary_loss', 'task_losses']
+        """
+        if y is None:
+            if aux_target is not None:
+                raise ValueError("aux_target was given without labels y; call labeler(x, y, ...)")
+            return primary_logits(self.model(x), self.output)
+        return loss_forward(self, x, y, aux_target)
+
+    def meta_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gen_optimizer: torch.optim.Optimizer,
+        *,
+        meta_batch: Optional[tuple[Tensor, Tensor]] = None,
+        scaler: Optional[Any] = None,
+    ) -> dict[str, Any]:
+        """Update the learned tasks by MAXL's meta-gradient, inside your own training loop.
+
+        Call it after ``labeler(x, y)["loss"].backward()`` and before ``optimizer.step()``:
+        it reads ``.grad`` (averaged by ``DistributedDataParallel`` when it wraps the
+        labeler) and ``optimizer``'s state, looks one differentiable step of ``optimizer``
+        ahead on the unwrapped model and steps ``gen_optimizer`` with the exact
+        meta-gradient, averaged across ranks. The model, its buffers, ``optimizer`` and
+        ``.grad`` are left as they were. A no-op when no learned task took part in the last
+        training forward (none, weight 0, or not a ``meta_every``-th step). With gradient
+        accumulation it uses the last micro-batch's targets; clipping done before it counts
+        as a fixed rescaling of the gradients.
+
+        Args:
+            optimizer: the model's optimiser (a ``torch.optim`` optimiser, or a wrapper of
+                one with an ``optimizer`` attribute: Accelerate's, Lightning's); one of
+                :data:`~auxgen.SUPPORTED_OPTIMIZERS` (any with ``lookahead="sgd"``). It may
+                hold every one of :meth:`parameters`: the meta-gradient is not left in the
+                generator's ``.grad`` when ``optimizer`` holds it, so it is applied once.
+            gen_optimizer: the optimiser over :meth:`generator_parameters`.
+            meta_batch: ``(x_m, y_m)``: measure the meta loss on this batch instead.
+            scaler: the ``torch.amp.GradScaler`` of an fp16 loop: the gradients are
+                unscaled first (``scaler.unscale_(optimizer)``, unless already done) and a
+                step whose gradients overflowed is skipped (the scaler skips it too).
+
+        Returns:
+            ``meta_loss`` (the primary loss after the look-ahead, plus the learned tasks'
+            regularisers; ``None`` without an update), ``meta_updated``, ``meta_mode`` and
+            ``skipped`` (1 when non-finite gradients skipped the update).
+
+        Raises:
+            RuntimeError: if a learned task exists but no training forward ``labeler(x,
+                y)`` came before, or ``optimizer`` holds no gradients (no ``backward``).
+            NonFiniteError: on non-finite gradients or meta-gradients with
+                ``nonfinite="raise"`` and no ``scaler``.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> from auxgen import AuxiliaryLabeler
+            >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+            >>> labeler = AuxiliaryLabeler(model, psi=2)
+            >>> opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
+            >>> gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=1e-3)
+            >>> x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+            >>> labeler(x, y)["loss"].backward()
+            >>> labeler.meta_step(opt, gen_opt)["meta_updated"]
+            True
+            >>> opt.step()
+        """
+        return meta_update(self, optimizer, gen_optimizer, meta_batch, scaler)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_pending"], state["_forwarded"], state["_guard"] = None, False, HeadGuard()
+        return state
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Primary logits and the classifier's input features ``(N, feature_dim)``."""
@@ -308,9 +429,11 @@ class AuxiliaryLabeler(nn.Module):
         check_optimizers(
             optimizer, gen_optimizer, self.model_parameters(), self.generator_parameters(),
             self.lookahead, self._approximated, any(t.learned for t in self.tasks),
+            required=trained_head_parameters(self),
         )  # fmt: skip
         if aux_target is not None and not any(t.takes_aux_target for t in self.tasks):
             raise ValueError("aux_target was given but no task takes auxiliary labels")
+        self._guard.reset()  # the next training forward starts a fresh comparison
         do_meta = (
             gen_optimizer is not None
             and aux_target is None
@@ -380,7 +503,7 @@ class AuxiliaryLabeler(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         for key in [k for k in state_dict if k.startswith(prefix)]:
-            renamed = _version2_name(key[len(prefix) :])
+            renamed = version2_name(key[len(prefix) :])
             if renamed is not None:
                 state_dict[prefix + renamed] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -400,13 +523,3 @@ def _is(kind: type, joint: bool = False) -> Any:
         return isinstance(inner, kind) and not (joint and inner.form == "predict")
 
     return test
-
-
-def _version2_name(name: str) -> Optional[str]:
-    """A state-dict key of version 1 (one head, MAXL's generator on the labeler) renamed."""
-    if name == "owner":
-        return "tasks.0.owner"
-    for old, new in (("aux_head.", "aux_heads.0."), ("generator.", "tasks.0.generator.")):
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return None

@@ -1,5 +1,14 @@
 r"""One training step: the multi-task update and the meta-gradient of the learned tasks.
 
+Two functions do the work, and both training paths share them:
+
+* :func:`multitask_loss`: the multi-task loss of a batch (what ``labeler(x, y)`` returns, for
+  the user's own ``backward``), and what a later meta update needs from that forward
+  (:class:`Pending`);
+* :func:`meta_gradient`: the learned tasks' meta-gradient from the gradients and the
+  optimiser's current state (what ``labeler.meta_step`` runs between the user's ``backward``
+  and ``optimizer.step()``).
+
 :func:`training_step` is what :meth:`auxgen.AuxiliaryLabeler.step` runs once it has checked
 its inputs. In order:
 
@@ -35,7 +44,9 @@ from .meta import JVPPlan, RNGState, lookahead_direction, meta_jvp
 from .mirror import is_mirrored, sgd_stand_in
 from .tasks.base import AuxiliaryTask, TaskPlan
 
-__all__ = ["NonFiniteError", "StepParts", "training_step"]
+__all__ = [
+    "NonFiniteError", "Pending", "StepParts", "meta_gradient", "multitask_loss", "training_step",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +87,35 @@ class _Forward:
     targets: list[Tensor] = field(default_factory=list)
     extras: list[Tensor] = field(default_factory=list)
     learned: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Pending:
+    """What a meta update needs from the training forward it follows.
+
+    Attributes:
+        x: the batch.
+        y: its primary labels.
+        inputs: the batch and every task's views, as forwarded.
+        plans: each task's plan.
+        views: each task's rows of ``inputs`` (``None`` without views).
+        learned: indices of the learned tasks.
+        bases: their per-class losses at the current parameters (detached).
+        targets: their targets, with the graph to their meta-parameters.
+        rng: the random state before the forward (dropout masks are replayed).
+        autocast: ``(device_type, dtype)`` of the autocast region the forward ran in.
+    """
+
+    x: Tensor
+    y: Tensor
+    inputs: Tensor
+    plans: list[TaskPlan]
+    views: list[Optional[slice]]
+    learned: list[int]
+    bases: list[Tensor]
+    targets: list[Tensor]
+    rng: Optional[RNGState]
+    autocast: Optional[tuple[str, torch.dtype]] = None
 
 
 def all_finite(tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -192,6 +232,71 @@ def check_views(task: AuxiliaryTask, views: Any, x: Tensor) -> None:
         )
 
 
+def multitask_loss(
+    parts: StepParts,
+    x: Tensor,
+    y: Tensor,
+    aux_target: Optional[Tensor],
+    *,
+    meta: bool,
+) -> tuple[dict[str, Any], Optional[Pending]]:
+    """The multi-task loss of one batch, and what a meta update after it needs.
+
+    One forward of the model on the batch and every task's views, the primary loss on the
+    batch plus each task's weighted loss ``w_j mean_r sum_k t_rk ell_rk`` (targets
+    detached) and any extra terms.
+
+    Args:
+        parts: the model, the tasks, their heads and the options.
+        x: the (checked) batch.
+        y: its primary labels.
+        aux_target: fixed auxiliary labels for the tasks that take them.
+        meta: make the learned tasks' targets with their graph (a meta update follows).
+
+    Returns:
+        ``({"loss", "primary_loss", "aux_loss", "task_losses", "logits"}, pending)``: the
+        tensors are attached to the graph; ``pending`` is ``None`` unless ``meta`` and a
+        learned task with a positive weight take part.
+    """
+    fwd, rng = _forward(parts, x, y, aux_target, meta)
+    lp = primary_loss(fwd.z_p, y, parts.loss, parts.focal_gamma)
+    loss, task_losses = lp, []
+    for task, ell, t in zip(parts.tasks, fwd.ells, fwd.targets):
+        la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
+        loss = loss + task.weight * la
+        task_losses.append(la)
+    for extra in fwd.extras:
+        loss = loss + extra
+    aux = sum(task_losses[1:], task_losses[0]) if task_losses else lp.new_zeros(())
+    result = {
+        "loss": loss,
+        "primary_loss": lp,
+        "aux_loss": aux,
+        "task_losses": {_task_key(parts.tasks, j): la for j, la in enumerate(task_losses)},
+        # a view of the batch-and-views logits when there are views: cloned (N x C floats),
+        # so that wrappers which hook the output (FSDP) and in-place edits by the user are safe
+        "logits": fwd.z_p if fwd.z_p._base is None else fwd.z_p.clone(),
+    }
+    pending = None
+    if fwd.learned:
+        pending = Pending(
+            x, y, fwd.inputs, fwd.plans, fwd.views, fwd.learned,
+            [fwd.ells[j].detach() for j in fwd.learned], [fwd.targets[j] for j in fwd.learned],
+            rng, _autocast_state(x.device),
+        )  # fmt: skip
+    return result, pending
+
+
+def _autocast_state(device: torch.device) -> Optional[tuple[str, torch.dtype]]:
+    kind = device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return kind, torch.get_autocast_dtype(kind)
+    except (TypeError, RuntimeError):  # a device type without autocast
+        return None
+    return None
+
+
 def _step(
     parts: StepParts,
     x: Tensor,
@@ -203,20 +308,13 @@ def _step(
     do_meta: bool,
     meta_xy: Optional[tuple[Tensor, Tensor]],
 ) -> dict[str, Any]:
-    fwd, rng = _forward(parts, x, y, aux_target, do_meta)
-    lp = primary_loss(fwd.z_p, y, parts.loss, parts.focal_gamma)
-    loss, task_losses = lp, []
-    for task, ell, t in zip(parts.tasks, fwd.ells, fwd.targets):
-        la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
-        loss = loss + task.weight * la
-        task_losses.append(la)
-    for extra in fwd.extras:
-        loss = loss + extra
+    losses, pending = multitask_loss(parts, x, y, aux_target, meta=do_meta)
+    loss, lp = losses["loss"], losses["primary_loss"]
     shared, g_p = _primary_grads(parts, lp, params) if parts.diagnostics else ([], [])
     grads = list(torch.autograd.grad(loss, params, allow_unused=True))
     present = [i for i, g in enumerate(grads) if g is not None]
     parts.ranks.average([grads[i] for i in present])  # type: ignore[misc]
-    result = _result(parts, loss, lp, task_losses, fwd.z_p)
+    result = _result(losses)
     if parts.diagnostics:
         result["grad_cosine"] = _grad_cosine(parts, shared, g_p, grads)
     if not all_finite([loss, *grads]):
@@ -224,10 +322,8 @@ def _step(
 
     gen_grads: Optional[list[Optional[Tensor]]] = None
     gen_params = [p for t in parts.tasks for p in t.meta_parameters()]
-    if fwd.learned:
-        gen_grads, meta_loss = _meta_gradient(
-            parts, fwd, x, y, optimizer, params, grads, present, rng, gen_params, meta_xy
-        )
+    if pending is not None:
+        gen_grads, meta_loss = meta_gradient(parts, pending, optimizer, params, grads, meta_xy)
         result["meta_loss"] = meta_loss
         result["meta_mode"] = parts.jvp.mode
         if not all_finite([meta_loss, *gen_grads]):
@@ -244,17 +340,15 @@ def _step(
     return result
 
 
-def _result(
-    parts: StepParts, loss: Tensor, lp: Tensor, task_losses: list[Tensor], z_p: Tensor
-) -> dict[str, Any]:
-    aux = sum(task_losses[1:], task_losses[0]) if task_losses else lp.new_zeros(())
+def _result(losses: dict[str, Any]) -> dict[str, Any]:
+    """:func:`multitask_loss`'s results detached, with the step's other entries."""
     return {
-        "loss": loss.detach(),
-        "primary_loss": lp.detach(),
-        "aux_loss": aux.detach(),
-        "task_losses": {_task_key(parts.tasks, j): la.detach() for j, la in enumerate(task_losses)},
+        "loss": losses["loss"].detach(),
+        "primary_loss": losses["primary_loss"].detach(),
+        "aux_loss": losses["aux_loss"].detach(),
+        "task_losses": {k: la.detach() for k, la in losses["task_losses"].items()},
         "meta_loss": None,
-        "logits": z_p.detach(),
+        "logits": losses["logits"].detach(),
         "meta_updated": False,
         "meta_mode": None,
         "skipped": 0,
@@ -267,27 +361,37 @@ def _task_key(tasks: Sequence[AuxiliaryTask], j: int) -> str:
     return name if sum(t.name == name for t in tasks) == 1 else f"{name}{j}"
 
 
-def _meta_gradient(
+def meta_gradient(
     parts: StepParts,
-    fwd: _Forward,
-    x: Tensor,
-    y: Tensor,
+    pending: Pending,
     optimizer: torch.optim.Optimizer,
     params: list[Tensor],
-    grads: list[Optional[Tensor]],
-    present: list[int],
-    rng: Optional[RNGState],
-    gen_params: list[nn.Parameter],
-    meta_xy: Optional[tuple[Tensor, Tensor]],
+    grads: Sequence[Optional[Tensor]],
+    meta_xy: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[list[Optional[Tensor]], Tensor]:
-    """The learned tasks' meta-gradient (see :mod:`auxgen.meta`) and the meta loss."""
+    """The learned tasks' meta-gradient (see :mod:`auxgen.meta`) and the meta loss.
+
+    Args:
+        parts: the model, the tasks, their heads and the options.
+        pending: what the training forward left for the meta update.
+        optimizer: the user's optimiser, in its state before this step (not modified).
+        params: the parameters it holds.
+        grads: their multi-task gradients ``G`` (``None`` where there is none), already
+            averaged across ranks.
+        meta_xy: the batch to measure the meta loss on (default: the forward's).
+
+    Returns:
+        The gradients of the meta-parameters of every task (in task order; ``None`` for
+        those the meta objective does not reach), averaged across ranks, and the meta loss.
+    """
+    gen_params = [p for t in parts.tasks for p in t.meta_parameters()]
     names = {id(p): k for k, p in parts.model.named_parameters()}
-    idx = [i for i in present if id(params[i]) in names]
+    idx = [i for i, g in enumerate(grads) if g is not None and id(params[i]) in names]
     moving = [params[i] for i in idx]
     primary_loss_at, loss_matrix_at = _evaluators(
-        parts, fwd, [names[id(p)] for p in moving], x, y, meta_xy
+        parts, pending, [names[id(p)] for p in moving], meta_xy
     )
-    base = _flat([fwd.ells[j].detach() for j in fwd.learned])
+    base = _flat(pending.bases)
     if moving:
         u, lp_plus = lookahead_direction(
             optimizer if is_mirrored(optimizer) else sgd_stand_in(optimizer),
@@ -302,7 +406,7 @@ def _meta_gradient(
             [p.detach() for p in moving],
             u,
             base=base,
-            rng=rng,
+            rng=pending.rng,
             fd_eps=parts.fd_eps,
         )
     else:  # nothing moves: the labels cannot affect the primary loss
@@ -311,8 +415,8 @@ def _meta_gradient(
         dell = torch.zeros_like(base)
     surrogate: Optional[Tensor] = None
     reg_total: Optional[Tensor] = None
-    for j, d in zip(fwd.learned, _unflat(dell, [fwd.ells[j] for j in fwd.learned])):
-        task, t = parts.tasks[j], fwd.targets[j]
+    for j, t, d in zip(pending.learned, pending.targets, _unflat(dell, pending.bases)):
+        task = parts.tasks[j]
         term = task.meta_surrogate(d.detach(), t)
         reg = task.regularizer(t)
         if reg is not None:
@@ -328,14 +432,13 @@ def _meta_gradient(
 
 def _evaluators(
     parts: StepParts,
-    fwd: _Forward,
+    pending: Pending,
     keys: list[str],
-    x: Tensor,
-    y: Tensor,
     meta_xy: Optional[tuple[Tensor, Tensor]],
 ) -> tuple[Callable[[list[Tensor]], Tensor], Callable[[list[Tensor]], Tensor]]:
     """``theta -> L_p`` on the meta batch and ``theta -> ell`` of the learned tasks."""
-    x_m, y_m = meta_xy if meta_xy is not None else (x, y)
+    x, n = pending.x, pending.x.shape[0]
+    x_m, y_m = meta_xy if meta_xy is not None else (x, pending.y)
 
     def run_at(values: list[Tensor], inputs: Tensor) -> Any:
         buffers = {k: b.clone() for k, b in parts.model.named_buffers()}
@@ -346,12 +449,13 @@ def _evaluators(
         return primary_loss(z, y_m, parts.loss, parts.focal_gamma)
 
     def loss_matrix_at(values: list[Tensor]) -> Tensor:
-        _, h_all = parts.tap.run(lambda: primary_logits(run_at(values, fwd.inputs), parts.output))
-        h = h_all if fwd.inputs is x else h_all[: fwd.n]
+        inputs = pending.inputs
+        _, h_all = parts.tap.run(lambda: primary_logits(run_at(values, inputs), parts.output))
+        h = h_all if inputs is x else h_all[:n]
         mats = []
-        for j in fwd.learned:
-            task, view = parts.tasks[j], fwd.views[j]
-            rows = task.head_input(fwd.plans[j], h, h_all[view] if view is not None else None)
+        for j in pending.learned:
+            task, view = parts.tasks[j], pending.views[j]
+            rows = task.head_input(pending.plans[j], h, h_all[view] if view is not None else None)
             mats.append(task.loss_matrix(parts.heads[j](rows), parts.loss, parts.focal_gamma))
         return _flat(mats)
 

@@ -142,6 +142,15 @@ REGIMES: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 
+# Accuracy against compute (docs/results.md, "At equal compute"): the crop + flip regime at
+# longer budgets, one regime per budget (the one-cycle schedule depends on the epoch count, so
+# a longer run is not the same as a shorter one continued).
+for _epochs in (120, 240, 480):
+    REGIMES[f"cifar10cnn5_aug_e{_epochs}"] = (
+        ["--dataset", "cifar100", "--primary-level", "10", "--epochs", str(_epochs), *CNN, *AUG],
+        ["single", "transform", "transform-one"],
+    )
+
 
 def _run(args: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)

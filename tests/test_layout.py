@@ -104,13 +104,15 @@ def _function_lengths(path: Path) -> dict[str, int]:
 
 
 def test_rooms_stay_small() -> None:
-    """labeler.py ~400 lines, library modules ~600 (harness and CLI ~550), functions ~60
-    lines and constructors ~40 (without docstrings)."""
+    """labeler.py ~500 lines (the public surface: its three ways to train, ``labeler(x, y)``,
+    ``meta_step`` and ``step``, with their documentation; the work is in step.py and
+    loop.py), library modules ~600 (harness and CLI ~550), functions ~60 lines and
+    constructors ~40 (without docstrings)."""
     for path in sorted((ROOT / "auxgen").rglob("*.py")):
         lines = path.read_text().count("\n")
         name = path.relative_to(ROOT).as_posix()
         harness = "experiments" in path.parts or path.name == "cli.py"
-        limit = 415 if path.name == "labeler.py" else 560 if harness else 600
+        limit = 525 if path.name == "labeler.py" else 560 if harness else 600
         assert lines <= limit, f"{name}: {lines} lines (limit {limit})"
         for fn, length in _function_lengths(path).items():
             cap = 40 if fn.startswith("__init__:") else 60
