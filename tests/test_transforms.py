@@ -19,6 +19,7 @@ from auxgen import (
 )
 from auxgen.hierarchy import masked_softmax
 from auxgen.losses import neg_entropy
+from auxgen.tasks.transforms import Rotate
 
 N, C, K = 6, 3, 4
 
@@ -302,14 +303,26 @@ def test_constructor_errors() -> None:
 
 
 def test_bad_transform_outputs_are_clear_errors() -> None:
+    def transpose(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(-2, -1)
+
     lab = AuxiliaryLabeler(
         nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 6, 5), nn.Tanh(), nn.Linear(5, C)),
-        tasks=TransformLabels(),
+        tasks=TransformLabels([None, transpose]),
     )
     opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
     x, y = torch.randn(N, 3, 4, 6), torch.arange(N) % C
-    with pytest.raises(ValueError, match=r"transforms\[1\] \('rot90'\) returned shape \(6, 3, 6, "
-                       r"4\) for a batch of shape \(6, 3, 4, 6\)"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"transforms\[1\] \('transpose'\) returned shape \(6, 3, "
+                       r"6, 4\) for a batch of shape \(6, 3, 4, 6\)"):  # fmt: skip
+        lab.step(x, y, opt)
+    # whole-image rotations asked for explicitly refuse non-square images and say what works
+    lab = AuxiliaryLabeler(
+        nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 6, 5), nn.Tanh(), nn.Linear(5, C)),
+        tasks=TransformLabels(*rotations()),
+    )
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"whole-image rotations need square images, got 4x6; "
+                       r"use patch_rotations\(\)"):  # fmt: skip
         lab.step(x, y, opt)
 
     def to_double(t: torch.Tensor) -> torch.Tensor:
@@ -381,3 +394,77 @@ def test_nonfinite_step_changes_nothing(policy: str) -> None:
     for k, v in lab.state_dict().items():
         if torch.is_tensor(v):
             assert torch.equal(v, state[k]), k
+
+
+# ------------------------------------------------------------ any image shape, cheap forms
+def _turned_somewhere(before: torch.Tensor, after: torch.Tensor, k: int, side: int) -> bool:
+    """Whether ``after`` is ``before`` with one ``side x side`` window turned ``k`` times."""
+    _, h, w = before.shape
+    for top in range(h - side + 1):
+        for left in range(w - side + 1):
+            want = before.clone()
+            win = before[:, top : top + side, left : left + side]
+            want[:, top : top + side, left : left + side] = torch.rot90(win, k, dims=(1, 2))
+            if torch.equal(want, after):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_patch_rotation_turns_one_square_window_per_image(k: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 6, 9)
+    out = Rotate(k, patch=0.5)(x)  # a 3x3 window (half of the shorter side)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    for before, after in zip(x, out):
+        assert _turned_somewhere(before, after, k, side=3)
+    assert torch.equal(
+        Rotate(k, patch="auto")(x[:, :, :6, :6]), torch.rot90(x[:, :, :6, :6], k, (2, 3))
+    )
+
+
+def test_default_task_trains_on_non_square_images_and_refuses_non_images() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 6, 5), nn.Tanh(), nn.Linear(5, C))
+    lab = AuxiliaryLabeler(model, tasks=TransformLabels())
+    opt = torch.optim.SGD(lab.parameters(), lr=0.1)
+    x, y = torch.randn(N, 3, 4, 6), torch.arange(N) % C
+    for _ in range(2):
+        opt.zero_grad()
+        out = lab(x, y)
+        out["loss"].backward()
+        opt.step()
+    assert torch.isfinite(out["task_losses"]["transform"])
+    assert [type(t).__name__ for t in lab.tasks[0].transforms[1:]] == ["Rotate"] * 3
+    # token ids (N, L) with N == L are not images: a clear error, not rotated samples
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(4 * N, C))
+    lab = AuxiliaryLabeler(emb, tasks=TransformLabels())
+    tokens = torch.randint(0, 10, (N, N))
+    with pytest.raises(ValueError, match=r"rotations act on image batches \(N, C, H, W\), got "
+                       r"shape \(6, 6\); .* pass transforms="):  # fmt: skip
+        lab(tokens, y)
+
+
+@pytest.mark.parametrize("views", ["all", "one"])
+def test_fraction_trains_the_task_on_a_random_part_of_the_batch(views: str) -> None:
+    """No BatchNorm, so each image's features do not depend on the rest of the batch: the
+    task loss with ``fraction`` equals the full task's loss on the same drawn subset."""
+    x, y = _batch()
+    part = AuxiliaryLabeler(_model(), tasks=TransformLabels(views=views, fraction=0.5))
+    whole = AuxiliaryLabeler(_model(), tasks=TransformLabels(views=views))
+    whole.load_state_dict(part.state_dict())
+    rows: list[int] = []
+    hook = part.model[1].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    torch.manual_seed(3)
+    out = part(x, y)
+    hook.remove()
+    torch.manual_seed(3)
+    subset = torch.randperm(N)[:3]
+    ref = whole(x[subset], y[subset])  # "one": the same transform draws follow the subset's
+    torch.testing.assert_close(out["task_losses"]["transform"], ref["task_losses"]["transform"])
+    assert out["logits"].shape == (N, C)  # the primary loss is on the whole batch
+    extra = 3 * (K - 1) if views == "all" else 3  # the views forwarded beside the batch
+    assert rows == [N + extra]
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
+        TransformLabels(fraction=0)
+    with pytest.raises(ValueError, match=r"distill needs every image's views: fraction=1"):
+        TransformLabels(form="joint", distill=1.0, fraction=0.5)

@@ -20,8 +20,10 @@ transform), and ``distill=`` trains the primary head towards it (SLA+SD).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from .base import AuxiliaryTask, TaskContext, TaskPlan, check_weight, widen
 
 __all__ = [
     "FORMS", "VIEWS", "PermuteChannels", "Rotate", "TransformLabels", "colour_permutations",
-    "rotations",
+    "patch_rotations", "rotations",
 ]  # fmt: skip
 
 #: ``form=`` values of :class:`TransformLabels`.
@@ -43,24 +45,84 @@ Transform = Optional[Callable[[Tensor], Tensor]]
 
 
 class Rotate:
-    """Rotate a batch of images by ``90 * k`` degrees (the last two dimensions); picklable."""
+    """Rotate images ``(N, C, H, W)`` by ``90 * k`` degrees, whole or a square patch; picklable.
 
-    def __init__(self, k: int) -> None:
+    Args:
+        k: quarter turns.
+        patch: ``None``: rotate the whole image (square images only); a fraction in
+            ``(0, 1]``: rotate a square patch of that fraction of the shorter side, at a
+            random position in each image (LoRot; Moon et al., ECCV 2022), so any image
+            shape works; ``"auto"``: the whole image when it is square, else a patch of half
+            the shorter side (the default transforms of :class:`TransformLabels`).
+
+    Example:
+        >>> x = torch.arange(8.0).view(1, 1, 2, 4)  # a non-square image
+        >>> y = Rotate(2, patch=1.0)(x)  # a 2x2 patch turned by 180 degrees
+        >>> y.shape == x.shape, sorted(y.flatten().tolist()) == sorted(x.flatten().tolist())
+        (True, True)
+    """
+
+    def __init__(self, k: int, patch: Union[float, str, None] = None) -> None:
         self.k = int(k)
-        self.__name__ = f"rot{90 * self.k}"
+        if patch is not None and patch != "auto":
+            if isinstance(patch, bool) or not isinstance(patch, (int, float)) or not 0 < patch <= 1:
+                raise ValueError(
+                    f"patch must be None, 'auto' or a fraction in (0, 1], got {patch!r}"
+                )
+            patch = float(patch)
+        self.patch = patch
+        self.__name__ = f"rot{90 * self.k}" if patch is None else f"patch{90 * self.k}"
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.rot90(x, self.k, dims=(-2, -1))
+        if x.dim() != 4:
+            raise ValueError(
+                f"rotations act on image batches (N, C, H, W), got shape {tuple(x.shape)}; for "
+                "other inputs (token ids, audio, tabular rows) pass transforms= that fit them"
+            )
+        h, w = x.shape[-2:]
+        patch = self.patch if self.patch != "auto" else (None if h == w else 0.5)
+        if patch is None:
+            if h != w:
+                raise ValueError(
+                    f"whole-image rotations need square images, got {h}x{w}; use "
+                    "patch_rotations() (a rotated square patch) or the default transforms"
+                )
+            return torch.rot90(x, self.k, dims=(-2, -1))
+        return _rotate_patches(x, self.k, max(1, int(round(float(patch) * min(h, w)))))
 
     def __repr__(self) -> str:
-        return f"Rotate({self.k})"
+        return (
+            f"Rotate({self.k})" if self.patch is None else f"Rotate({self.k}, patch={self.patch!r})"
+        )
 
 
-def rotations() -> tuple[list[Transform], list[str]]:
+def _rotate_patches(x: Tensor, k: int, side: int) -> Tensor:
+    """``x`` with a ``side x side`` patch at a random place in each image turned ``k`` times."""
+    n, _, h, w = x.shape
+    dev = x.device
+    top = torch.randint(0, h - side + 1, (n,)).to(dev)
+    left = torch.randint(0, w - side + 1, (n,)).to(dev)
+    span = torch.arange(side, device=dev)
+    rows = (top[:, None] + span)[:, :, None]  # (n, side, 1)
+    cols = (left[:, None] + span)[:, None, :]  # (n, 1, side)
+    batch = torch.arange(n, device=dev)[:, None, None]
+    patch = x[batch, :, rows, cols]  # (n, side, side, C)
+    turned = torch.rot90(patch, k, dims=(1, 2))
+    out = x.clone()
+    out[batch, :, rows, cols] = turned
+    return out
+
+
+def rotations(patch: Union[float, str, None] = None) -> tuple[list[Transform], list[str]]:
     """The four image rotations: ``([None, rot90, rot180, rot270], names)``.
 
     ``None`` is the identity (the batch itself, not recomputed). Rotations act on the last
-    two dimensions, so images must be square.
+    two dimensions of ``(N, C, H, W)`` batches: whole images must be square; with
+    ``patch`` (see :class:`Rotate`) a square patch turns instead, so any shape works.
+
+    Args:
+        patch: ``None`` (whole square images), ``"auto"`` (whole when square, else a patch
+            of half the shorter side: :class:`TransformLabels`'s default) or a fraction.
 
     Example:
         >>> transforms, names = rotations()
@@ -69,7 +131,26 @@ def rotations() -> tuple[list[Transform], list[str]]:
         >>> transforms[1](torch.arange(4.0).view(1, 1, 2, 2)).flatten().tolist()
         [1.0, 3.0, 0.0, 2.0]
     """
-    return [None, Rotate(1), Rotate(2), Rotate(3)], ["rot0", "rot90", "rot180", "rot270"]
+    return [None, *(Rotate(k, patch) for k in (1, 2, 3))], ["rot0", "rot90", "rot180", "rot270"]
+
+
+def patch_rotations(size: float = 0.5) -> tuple[list[Transform], list[str]]:
+    """Rotations of a random square patch (LoRot; Moon et al., ECCV 2022): any image shape.
+
+    Args:
+        size: the patch's side as a fraction of the image's shorter side.
+
+    Example:
+        >>> transforms, names = patch_rotations(0.5)
+        >>> names, transforms[1](torch.zeros(2, 3, 8, 12)).shape
+        (['rot0', 'patch90', 'patch180', 'patch270'], torch.Size([2, 3, 8, 12]))
+    """
+    return [None, *(Rotate(k, size) for k in (1, 2, 3))], [
+        "rot0",
+        "patch90",
+        "patch180",
+        "patch270",
+    ]
 
 
 class PermuteChannels:
@@ -103,6 +184,15 @@ def colour_permutations() -> tuple[list[Transform], list[str]]:
     return [None] + [PermuteChannels(order) for order in orders[1:]], names
 
 
+@dataclass
+class _Rows:
+    """A plan's head rows: the primary label of each, and which images of the batch made
+    them (``None``: all of them, in order)."""
+
+    labels: Tensor
+    subset: Optional[Tensor] = None
+
+
 class TransformLabels(AuxiliaryTask):
     r"""Auxiliary targets made from ``K`` input transforms (rotations by default).
 
@@ -126,6 +216,10 @@ class TransformLabels(AuxiliaryTask):
         primary_views: also take the primary loss on the transformed views (the mean over
             them, added to the batch's): the transforms become data augmentation of the
             primary task, instead of only an auxiliary task.
+        fraction: the share of each batch shown under the transforms: a random subset of
+            ``ceil(fraction * N)`` images gets the views (and the auxiliary loss), the
+            rest trains on the primary loss alone. A cost knob: with ``views="one"`` and
+            ``0.5`` a step costs about 1.5 plain steps instead of 2.
 
     Attributes:
         num_transforms: ``K``.
@@ -158,10 +252,11 @@ class TransformLabels(AuxiliaryTask):
         distill: float = 0.0,
         distill_temperature: float = 1.0,
         primary_views: bool = False,
+        fraction: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
-        if transforms is None:
-            transforms, default_names = rotations()
+        if transforms is None:  # whole-image rotations, or a rotated patch on non-square images
+            transforms, default_names = rotations(patch="auto")
             names = default_names if names is None else names
         self.transforms, self.names = _check_transforms(transforms, names)
         self.num_transforms = len(self.transforms)
@@ -182,6 +277,13 @@ class TransformLabels(AuxiliaryTask):
         if not isinstance(primary_views, bool):
             raise TypeError(f"primary_views must be a bool, got {type(primary_views).__name__}")
         self.primary_views = primary_views
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        if self.distill and fraction < 1:
+            raise ValueError(f"distill needs every image's views: fraction=1, got {fraction}")
+        self.fraction = float(fraction)
         self.num_classes = 0
 
     def setup(self, ctx: TaskContext) -> None:
@@ -192,7 +294,13 @@ class TransformLabels(AuxiliaryTask):
 
     # ---------------------------------------------------------------- the step
     def plan(self, x: Tensor, y: Tensor, aux_target: Optional[Tensor]) -> TaskPlan:
-        n, k_all = x.shape[0], self.num_transforms
+        k_all = self.num_transforms
+        subset = None
+        if self.fraction < 1:  # a random part of the batch gets the views
+            m = max(1, math.ceil(self.fraction * x.shape[0]))
+            subset = torch.randperm(x.shape[0])[:m].to(x.device)
+            x, y = x[subset], y[subset.to(y.device)]
+        n = x.shape[0]
         if self.views == "all":
             ks = torch.arange(k_all, device=y.device).repeat_interleave(n)
             y_rows = y.repeat(k_all)
@@ -205,7 +313,8 @@ class TransformLabels(AuxiliaryTask):
                 rows = (ks == i).nonzero().flatten().to(x.device)
                 if rows.numel() and self.transforms[i] is not None:
                     views[rows] = self._transform(i, x[rows])
-        return TaskPlan(views=views, targets=self._targets(y_rows, ks), info=y_rows)
+        targets = self._targets(y_rows, ks)
+        return TaskPlan(views=views, targets=targets, info=_Rows(y_rows, subset))
 
     def all_views(self, x: Tensor) -> Optional[Tensor]:
         """The batch under every transform but the identity, in order (``None`` if none)."""
@@ -245,10 +354,16 @@ class TransformLabels(AuxiliaryTask):
         if self.views == "one":
             assert h_views is not None
             return h_views
-        n, chunks, at = h.shape[0], [], 0
+        subset = plan.info.subset if isinstance(plan.info, _Rows) else None
+        ident = h if subset is None else h[subset]  # the identity's rows: the batch's own
+        return self._order(ident, h_views, ident.shape[0])
+
+    def _order(self, ident: Tensor, h_views: Optional[Tensor], n: int) -> Tensor:
+        """The head's rows: each transform's ``n`` rows in order (identity: ``ident``)."""
+        chunks, at = [], 0
         for fn in self.transforms:
             if fn is None:
-                chunks.append(h)
+                chunks.append(ident)
             else:
                 assert h_views is not None
                 chunks.append(h_views[at : at + n])
@@ -260,9 +375,10 @@ class TransformLabels(AuxiliaryTask):
     ) -> Optional[Tensor]:
         loss: Optional[Tensor] = None
         if self.primary_views and z_views is not None:
-            n, labels = z_p.shape[0], plan.info  # the primary label of every head row
+            labels = plan.info.labels  # the primary label of every head row
             keep = [i for i, fn in enumerate(self.transforms) if fn is not None]
-            rows = labels if self.views == "one" else labels.view(-1, n)[keep].flatten()
+            per = labels.view(self.num_transforms, -1)
+            rows = labels if self.views == "one" else per[keep].flatten()
             loss = F.cross_entropy(widen(z_views), rows)
         if self.distill:
             t = self.distill_temperature
