@@ -12,6 +12,7 @@ from .tasks import (
     LearnedWeight,
     TransformLabels,
     colour_permutations,
+    patch_rotations,
     rotations,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "masked_softmax",
     "owner_index",
     "rotations",
+    "patch_rotations",
     "colour_permutations",
     "__version__",
 ]

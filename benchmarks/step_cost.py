@@ -80,6 +80,10 @@ CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "transform_sd": {"transform": {"form": "joint", "distill": 1.0}},
     "transform_cells": {"transform": {"views": "all"}, "cells": "copy"},
     "transform_autol": {"transform": {"views": "all"}, "learned_weight": True},
+    # the loss form in the user's own loop: zero_grad, labeler(x, y)["loss"].backward(),
+    # (meta_step,) opt.step(), against labeler.step for the same task
+    "transform_loss": {"transform": {"views": "all"}, "loop": "loss"},
+    "head_second_order_loss": {"meta": "second_order", "generator": "head", "loop": "loss"},
 }
 
 #: Time-ratio targets (MAXL step / single-task step).
@@ -189,6 +193,7 @@ def build_runner(
     maxl = {k: options.pop(k) for k in ("generator",) if k in options}
     cells = options.pop("cells", None)
     learned_weight = options.pop("learned_weight", False)
+    loop = options.pop("loop", "step")
     tasks: list[Any] = []
     if transform is not None:
         task = TransformLabels(**transform)
@@ -205,6 +210,16 @@ def build_runner(
 
     def labeler_step() -> None:
         labeler.step(x, y, opt, gen_opt)
+
+    def loss_form_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        labeler(x, y)["loss"].backward()
+        if gen_opt is not None:
+            labeler.meta_step(opt, gen_opt)
+        opt.step()
+
+    if loop == "loss":
+        return Runner(config, loss_form_step, labeler.meta_every, [labeler], optimizers, labeler)
 
     return Runner(config, labeler_step, labeler.meta_every, [labeler], optimizers, labeler)
 

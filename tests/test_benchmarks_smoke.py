@@ -1,9 +1,10 @@
-"""Smoke test of ``benchmarks/step_cost.py``: a tiny model, two rounds, a few seconds."""
+"""Smoke tests of ``benchmarks/step_cost.py`` and ``benchmarks/ddp_cost.py``: tiny sizes."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ CONFIGS = (
     "transform_sd",
     "transform_cells",
     "transform_autol",
+    "transform_loss",
+    "head_second_order_loss",
 )
 
 
@@ -54,3 +57,22 @@ def test_step_cost_smoke(tmp_path: Path) -> None:
     assert report["machine"]["threads"] == 1
     assert "median ms" in proc.stdout and "second_order_every4" in proc.stdout
     assert plot.stat().st_size > 0
+
+
+def test_ddp_cost_smoke(tmp_path: Path) -> None:
+    """Two CPU processes under torchrun: three steps timed, ratios written by rank 0."""
+    from helpers import torchrun_cmd
+
+    out = tmp_path / "ddp_cost.json"
+    cmd = [*torchrun_cmd(2, tmp_path / "logs"), str(ROOT / "benchmarks" / "ddp_cost.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [*cmd, "--smoke", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world"] == 2
+    assert set(report["ratio_to_plain_ddp"]) == {"plain_ddp", "loss_form_ddp", "step"}
+    assert report["ratio_to_plain_ddp"]["plain_ddp"] == 1.0
+    assert all(_positive_finite(v) for v in report["median_s"].values())

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .augment import random_crop_flip
-from .config import RunConfig
+from .config import BATCH_VIEWS, RunConfig
 from .datasets import Data
 from .runtime import world_and_rank
 
@@ -60,6 +60,9 @@ def _batches(
         if idx.numel() < 2:
             break
         x = data.x_train[idx]
+        if cfg.method == "batchaug":  # independently augmented copies of every image
+            idx = idx.repeat(BATCH_VIEWS)
+            x = x.repeat(BATCH_VIEWS, *([1] * (x.dim() - 1)))
         if cfg.augment:
             x = random_crop_flip(x, padding=padding, flip=data.flip, generator=g)
         yield prepare(x, data, device), data.y_train[idx].to(device), idx

@@ -51,7 +51,13 @@ __all__ = [
 ]
 
 
-METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl", "transform")
+METHODS: tuple[str, ...] = (
+    "single", "human", "random", "kmeans", "maxl", "transform", "batchaug",
+)  # fmt: skip
+#: ``batchaug``: single-task training on this many independently augmented copies of each
+#: batch image (batch augmentation; Hoffer et al., 2020): the rotation task's cost in plain
+#: training, the control for "is the gain the task's or only its extra views'?"
+BATCH_VIEWS = 4
 #: ``transform-<variant>``: ``both`` (the default: joint (class, rotation) labels and
 #: rotation prediction, two heads' losses on the 4 rotated views), ``joint`` (SLA's joint
 #: labels alone), ``predict`` (rotation prediction alone), ``one`` (``both`` on one random
@@ -59,10 +65,14 @@ METHODS: tuple[str, ...] = ("single", "human", "random", "kmeans", "maxl", "tran
 #: of the aggregated prediction into the primary head), ``pviews`` (``both``, and the primary
 #: loss also on the rotated views), ``maxl`` (``both`` with MAXL's generated labels as a
 #: second auxiliary task), ``cells`` (``both`` with MAXL's generated sub-labels inside
-#: each (class, rotation) cell as a second auxiliary task) and ``autol`` (``both`` with its
-#: loss weight learned by the meta-gradient, Auto-lambda).
+#: each (class, rotation) cell as a second auxiliary task), ``autol`` (``both`` with its
+#: loss weight learned by the meta-gradient, Auto-lambda); the cheaper forms ``onehalf``
+#: (``one`` on a random half of each batch: about 1.5x a plain step) and ``sixth`` (every
+#: view of a random sixth of each batch: about 1.5x); ``patch`` (``both`` with a rotated
+#: square patch of half the image's side instead of the whole image: LoRot, any shape).
 TRANSFORM_VARIANTS: tuple[str, ...] = (
-    "both", "joint", "predict", "one", "sd", "pviews", "maxl", "cells", "autol",
+    "both", "joint", "predict", "one", "sd", "pviews", "maxl", "cells", "autol", "onehalf",
+    "sixth", "patch",
 )  # fmt: skip
 DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10", "mnist", "fashionmnist")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
@@ -88,8 +98,9 @@ class RunConfig:
             >= 5, human aux: the digit) or ``"fashionmnist"`` (primary: tops / trousers and
             dresses / footwear / bags, human aux: the 10 classes; see
             :data:`auxgen.experiments.hierarchies.FASHION_PRIMARY`).
-        method: ``"single"``, ``"human"``, ``"random"``, ``"kmeans"``, ``"maxl"`` or
-            ``"transform"``.
+        method: ``"single"``, ``"human"``, ``"random"``, ``"kmeans"``, ``"maxl"``,
+            ``"transform"`` or ``"batchaug"`` (single-task on :data:`BATCH_VIEWS` augmented
+            copies of each image; needs ``augment``).
         transform: the ``transform`` method's variant (:data:`TRANSFORM_VARIANTS`).
         backbone: ``"cnn"`` (:class:`~auxgen.experiments.models.SmallCNN`), ``"mlp"``
             (:class:`~auxgen.experiments.models.MLP`), a timm model name
@@ -278,6 +289,10 @@ class RunConfig:
             raise ValueError(
                 "aux_label_noise applies to the fixed labels of methods 'human' and 'kmeans', "
                 f"got method {self.method!r} with aux_label_noise={self.aux_label_noise!r}"
+            )
+        if self.method == "batchaug" and not self.augment:
+            raise ValueError(
+                "method 'batchaug' trains on augmented copies of each image: pass --augment"
             )
         if self.meta_source == "heldout" and self.meta_fraction <= 0:
             raise ValueError("meta_source='heldout' needs meta_fraction > 0, got 0")

@@ -95,7 +95,7 @@ def aux_analysis(
 ) -> dict[str, Any]:
     """What the auxiliary task looks like: NMI with the fine labels, class usage, examples."""
     out: dict[str, Any] = {}
-    if cfg.method == "single" or not data.has_hierarchy:
+    if cfg.method in ("single", "batchaug") or not data.has_hierarchy:
         return out
     if cfg.method == "transform" and cfg.transform not in ("maxl", "cells"):  # no generated labels
         return out

@@ -32,6 +32,7 @@ from ..tasks import (
     GeneratedLabels,
     LearnedWeight,
     TransformLabels,
+    patch_rotations,
 )
 from . import checkpoints as C
 from .batches import epoch_batches, prepare, steps_per_epoch
@@ -85,7 +86,7 @@ def _tasks(cfg: RunConfig, data: Data) -> list[AuxiliaryTask]:
     """The run's auxiliary tasks (see :data:`~auxgen.experiments.config.TRANSFORM_VARIANTS`)."""
     generated: dict[str, Any] = {  # MAXL's options, for GeneratedLabels and the cells
         "generator": cfg.generator if cfg.method in ("maxl", "transform") else "head",
-        "weight": 0.0 if cfg.method == "single" else cfg.aux_weight,
+        "weight": 0.0 if cfg.method in ("single", "batchaug") else cfg.aux_weight,
         "entropy_weight": cfg.entropy_weight,
         "confidence_weight": cfg.confidence_weight,
         "label_temperature": cfg.label_temperature,
@@ -103,6 +104,12 @@ def _tasks(cfg: RunConfig, data: Data) -> list[AuxiliaryTask]:
         options.update(form="joint", distill=1.0)
     elif variant == "pviews":
         options["primary_views"] = True
+    elif variant == "onehalf":
+        options.update(views="one", fraction=0.5)
+    elif variant == "sixth":
+        options["fraction"] = 1 / 6
+    elif variant == "patch":
+        options.update(transforms=patch_rotations(0.5)[0], names=patch_rotations(0.5)[1])
     task = TransformLabels(**options)
     if variant == "cells":
         return [task, GeneratedCellLabels(data.psi, **generated)]

@@ -15,7 +15,14 @@ from typing import Any
 from .base import AuxiliaryTask, TaskContext, TaskPlan
 from .cells import GeneratedCellLabels
 from .labels import GENERATORS, FixedLabels, GeneratedLabels
-from .transforms import PermuteChannels, Rotate, TransformLabels, colour_permutations, rotations
+from .transforms import (
+    PermuteChannels,
+    Rotate,
+    TransformLabels,
+    colour_permutations,
+    patch_rotations,
+    rotations,
+)
 from .weighting import LearnedWeight
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "PermuteChannels",
     "Rotate",
     "colour_permutations",
+    "patch_rotations",
     "TransformLabels",
     "rotations",
 ]
