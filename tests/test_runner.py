@@ -272,3 +272,26 @@ def test_diagnostics_records_grad_cosine_per_epoch_and_plots_it(
     assert -1.0 <= cosine <= 1.0 and cosine != 0.0
     assert drawn["grad_cosine"] == {"maxl-head": [[cosine]]}
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_batchaug_trains_on_augmented_copies_of_each_image() -> None:
+    """Batch augmentation: every image of a batch comes BATCH_VIEWS times, each differently
+    cropped, with its own label; plain single-task training otherwise."""
+    from auxgen.experiments.batches import epoch_batches
+    from auxgen.experiments.config import BATCH_VIEWS
+
+    cfg = dataclasses.replace(TINY, method="batchaug", augment=True, backbone="cnn")
+    data = load_data(cfg)
+    x, y, idx, _ = next(iter(epoch_batches(data, cfg, 0, torch.device("cpu"))))
+    n = cfg.batch_size
+    assert x.shape[0] == BATCH_VIEWS * n and torch.equal(y, y[:n].repeat(BATCH_VIEWS))
+    assert torch.equal(idx, idx[:n].repeat(BATCH_VIEWS))
+    copies = x.view(BATCH_VIEWS, n, -1)
+    assert not torch.equal(copies[0], copies[1])  # independent crops of the same images
+    res = train(cfg)
+    assert res["label"] == "batchaug" and res["aux"] == {}
+    assert res["history"][0]["train_aux_loss"] == 0.0
+    with pytest.raises(
+        ValueError, match=r"method 'batchaug' trains on augmented copies .*--augment"
+    ):
+        dataclasses.replace(TINY, method="batchaug").validate()
