@@ -20,6 +20,7 @@ a tuple (torchvision GoogLeNet/Inception in training mode return named tuples).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -28,6 +29,7 @@ from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
     "FeatureTap",
+    "LogitsLocator",
     "OutputSpec",
     "check_output_spec",
     "classifier_out_features",
@@ -294,14 +296,22 @@ class FeatureTap:
         ((5, 2), (5, 3))
     """
 
-    def __init__(self, classifier: nn.Module, name: str, feature_dim: int) -> None:
+    def __init__(
+        self,
+        classifier: nn.Module,
+        name: str,
+        feature_dim: int,
+        locator: Optional[LogitsLocator] = None,
+    ) -> None:
         self.name = name
         self.feature_dim = feature_dim
         self.features: Optional[Tensor] = None
+        self.output: Any = None
         self.classifier = classifier
+        self.locator = locator
 
     def _capture(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        self.features = inputs[0]
+        self.features, self.output = inputs[0], output
 
     def run(self, forward: Callable[[], Any]) -> tuple[Any, Tensor]:
         """Run ``forward()`` (a forward of the model); return its output and the features."""
@@ -311,12 +321,14 @@ class FeatureTap:
             out = forward()
         finally:
             handle.remove()
-        h, self.features = self.features, None
+        h, cls_out, self.features, self.output = self.features, self.output, None, None
         if h is None:
             raise RuntimeError(
                 f"the classifier '{self.name}' was not called during the model's forward; "
                 "pass classifier= naming the module that produces the primary logits"
             )
+        if self.locator is not None:
+            self.locator.verify(out, cls_out)
         if h.dim() > 2:
             if h.shape[1] == self.feature_dim:  # a (N, C, *spatial) feature map: global pool
                 h = h.mean(dim=tuple(range(2, h.dim())))
@@ -358,3 +370,151 @@ def num_classes_of(
             "num_classes="
         )
     return int(found)
+
+
+# ----------------------------------------------------------- which tensor is the logits
+Path = tuple[Union[str, int], ...]
+
+
+def _tensors(out: Any, path: Path = (), depth: int = 2) -> list[tuple[Path, Tensor]]:
+    """Every tensor in a model's output: itself, or inside tuples, lists, mappings (HF's
+    ``ModelOutput``), named tuples and dataclasses, to ``depth`` levels."""
+    if isinstance(out, Tensor):
+        return [(path, out)]
+    if depth == 0:
+        return []
+    items: list[tuple[Union[str, int], Any]] = []
+    if isinstance(out, Mapping):
+        items = [(k, v) for k, v in out.items() if isinstance(k, (str, int))]
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    elif isinstance(out, (tuple, list)):
+        items = list(enumerate(out))
+    return [found for k, v in items for found in _tensors(v, (*path, k), depth - 1)]
+
+
+def _follow(out: Any, path: Path) -> Any:
+    for key in path:
+        if isinstance(key, str) and not isinstance(out, Mapping):
+            out = getattr(out, key)
+        else:
+            out = out[key]
+    return out
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """``a`` is ``b`` or a view of the same memory (a flatten, a squeeze)."""
+    return a is b or (a.numel() == b.numel() and a.data_ptr() == b.data_ptr() != 0)
+
+
+def _derived(a: Tensor, b: Tensor, limit: int = 20_000) -> Optional[bool]:
+    """Whether ``a`` was computed from ``b`` (its autograd graph reaches ``b``'s node);
+    ``None`` when there is no graph to tell."""
+    if a.grad_fn is None or b.grad_fn is None:
+        return None
+    target, seen, stack = b.grad_fn, set(), [a.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is target:
+            return True
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _shapes(cands: Sequence[tuple[Path, Tensor]]) -> str:
+    return ", ".join(f"{list(p) or 'output'}: {tuple(t.shape)}" for p, t in cands)
+
+
+class LogitsLocator:
+    """Find the primary logits in a model's output, and check that they are the classifier's.
+
+    Used as an ``output=`` spec (a callable ``output -> logits``). At the labeler's first
+    forwards it :meth:`verify` what it picks against the output of the module treated as the
+    classifier (captured by :class:`FeatureTap`): the logits must be that output (or a view
+    of it) or be computed from it, with ``num_classes`` columns. A structured output
+    (tuple, list, dict, ``ModelOutput``, named tuple, dataclass) is searched for that
+    tensor, and the place found is used from then on. Afterwards only the width is checked.
+
+    Args:
+        output: the user's ``output=`` (``None``: search).
+        classifier_name: the classifier's qualified name, for messages.
+        num_classes: the number of primary classes.
+
+    Example:
+        >>> import torch
+        >>> fc = nn.Linear(4, 3)
+        >>> h = torch.randn(2, 4)
+        >>> z = fc(h)
+        >>> locator = LogitsLocator(None, "fc", 3)
+        >>> locator.verify((h, z), z)  # a model returning (features, logits)
+        >>> locator((h, z)) is z, locator.path
+        (True, (1,))
+    """
+
+    def __init__(self, output: OutputSpec, classifier_name: str, num_classes: int) -> None:
+        self.output = output
+        self.classifier_name = classifier_name
+        self.num_classes = num_classes
+        self.path: Optional[Path] = None
+        self.verified = False
+
+    def __call__(self, out: Any) -> Tensor:
+        if self.output is not None or self.path is None or isinstance(out, Tensor):
+            return primary_logits(out, self.output)
+        return _follow(out, self.path)
+
+    def check_width(self, z: Tensor) -> None:
+        """The logits must be ``(N, num_classes)`` (or ``(..., num_classes)``)."""
+        if z.dim() < 2 or z.shape[-1] != self.num_classes:
+            how = f"output={self.output!r}" if self.output is not None else "auxgen"
+            raise ValueError(
+                f"the primary logits that {how} found in the model's output have shape "
+                f"{tuple(z.shape)}, expected (N, {self.num_classes}) (num_classes); pass "
+                "output= (where the logits are in the model's output) or classifier= (the "
+                "module that produces them)"
+            )
+
+    def verify(self, out: Any, cls_out: Any) -> None:
+        """Check (and, for a structured output, locate) the logits against ``cls_out``."""
+        if self.verified or not isinstance(cls_out, Tensor):
+            if self.path is not None or self.output is not None or isinstance(out, Tensor):
+                self.check_width(self(out))
+            return
+        if self.output is None and not isinstance(out, Tensor):
+            self.path = self._locate(out, cls_out)
+        z = self(out)
+        self.check_width(z)
+        if _same(z, cls_out):
+            self.verified = True
+            return
+        derived = _derived(z, cls_out)
+        if derived is None:  # no autograd graph (no_grad): check at a later forward
+            return
+        if not derived:
+            raise ValueError(
+                f"the primary logits (shape {tuple(z.shape)}) are not computed from the output "
+                f"of '{self.classifier_name}', the module auxgen treats as the classifier "
+                f"(shape {tuple(cls_out.shape)}): pass classifier= (the module that produces "
+                "the logits) or output= (where they are in the model's output)"
+            )
+        self.verified = True
+
+    def _locate(self, out: Any, cls_out: Tensor) -> Path:
+        cands = _tensors(out)
+        same = [p for p, t in cands if _same(t, cls_out)]
+        if len(same) == 1:
+            return same[0]
+        fits = [(p, t) for p, t in cands if t.dim() >= 2 and t.shape[-1] == self.num_classes]
+        derived = [p for p, t in fits if _derived(t, cls_out)]
+        if len(derived) == 1:
+            return derived[0]
+        why = "several tensors" if len(same) > 1 or len(derived) > 1 else "no tensor"
+        raise ValueError(
+            f"cannot tell which part of the model's output ({type(out).__name__}) is the "
+            f"primary logits: {why} of it come from the classifier '{self.classifier_name}' "
+            f"(output shape {tuple(cls_out.shape)}); saw {_shapes(cands) or 'no tensors'}. "
+            "Pass output= (a key, an index or a callable) or classifier="
+        )

@@ -14,6 +14,7 @@ from .mirror import check_optimizer, is_mirrored
 
 __all__ = [
     "check_batch",
+    "check_grad_enabled",
     "check_meta_batch",
     "check_choice",
     "check_optimizers",
@@ -33,6 +34,16 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_grad_enabled(what: str) -> None:
+    """A training call needs autograd: refuse ``torch.no_grad()`` / ``inference_mode()``."""
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} trains, so it needs gradients: it was called under torch.no_grad() or "
+            "torch.inference_mode(); call it outside them (to evaluate, use labeler(x), or "
+            "labeler(x, y) in eval mode)"
+        )
 
 
 def check_batch(

@@ -10,27 +10,28 @@ from torch import Tensor, nn
 
 from .backbone import (
     FeatureTap,
+    LogitsLocator,
     OutputSpec,
     check_output_spec,
     feature_dim_of,
     find_classifier,
     num_classes_of,
-    primary_logits,
 )
 from .checkpoint import version2_name
 from .checks import (
     check_batch,
     check_choice,
+    check_grad_enabled,
     check_meta_batch,
     check_optimizers,
     check_positive_int,
 )
 from .distributed import Ranks, check_sync_batchnorm
-from .loop import HeadGuard, ddp_ignored, loss_forward, meta_update, trained_head_parameters
+from .loop import loop_state, loss_forward, meta_update, trained_head_parameters
 from .losses import LOSSES
 from .meta import META_MODES, JVPPlan
 from .mirror import LOOKAHEADS
-from .step import NonFiniteError, Pending, StepParts, training_step
+from .step import NonFiniteError, Pending, StepParts, kept_buffers, training_step
 from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels, as_task_list
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
@@ -40,7 +41,7 @@ Tasks = Union[AuxiliaryTask, Sequence[AuxiliaryTask], None]
 
 
 class AuxiliaryLabeler(nn.Module):
-    r"""Give a classifier auxiliary tasks; MAXL's generated labels by default.
+    r"""Give a classifier auxiliary tasks: ``tasks=`` (or ``psi=`` for MAXL) says which.
 
     Wraps the user's ``model`` (its own classifier produces the primary logits), gives each
     auxiliary task an auxiliary head ``nn.Linear(feature_dim, task.num_outputs)`` on the
@@ -157,9 +158,11 @@ class AuxiliaryLabeler(nn.Module):
         self.feature_dim = feature_dim_of(model, cls_module, feature_dim)
         ref = next(model.parameters(), None)
         factory = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        # finds (and at the first forwards checks) the logits: the classifier's output
+        self._locator = LogitsLocator(self.output, self.classifier_name, self.num_classes)
         ctx = TaskContext(
             model, self.num_classes, self.feature_dim, self.classifier_name, cls_module,
-            self.output, factory,
+            self._locator, factory,
         )  # fmt: skip
         for task in task_list:
             task.setup(ctx)
@@ -168,20 +171,13 @@ class AuxiliaryLabeler(nn.Module):
         self.aux_heads = nn.ModuleList(
             nn.Linear(self.feature_dim, t.num_outputs, **factory) for t in task_list
         )
-        self._tap = FeatureTap(cls_module, self.classifier_name, self.feature_dim)
+        self._tap = FeatureTap(cls_module, self.classifier_name, self.feature_dim, self._locator)
         self._jvp = JVPPlan(meta)
         self._approximated: set[type] = set()
         self._steps = 0
         self._synced = False
-        self._loop_state()
-
-    def _loop_state(self) -> None:
-        """What the loss form keeps between a training forward and ``meta_step``."""
-        self._pending: Optional[Pending] = None  # what meta_step() needs from the forward
-        self._forwarded = False  # a training forward since the last meta_step()
-        self._guard = HeadGuard()  # refuses an optimiser without the auxiliary heads
-        # DistributedDataParallel must not wait for what only meta_step() trains
-        self._ddp_params_and_buffers_to_ignore = ddp_ignored(list(self.tasks))
+        self.__dict__.update(loop_state(task_list))  # the loss form's state (loop.py)
+        self._pending: Optional[Pending]
 
     # ------------------------------------------------------------ the first tasks
     def _first(self, what: str, test: Any) -> Any:
@@ -253,8 +249,8 @@ class AuxiliaryLabeler(nn.Module):
             batch's primary logits); all attached to the graph.
 
         Raises:
-            ValueError: if the optimiser stepped the model but not the auxiliary heads since
-                the previous training forward (it was built from ``model.parameters()``).
+            ValueError: if the optimiser stepped the model but not the auxiliary heads (it
+                was built from ``model.parameters()``), or the logits are not what they seem.
 
         Example:
             >>> import torch, torch.nn as nn
@@ -262,17 +258,19 @@ class AuxiliaryLabeler(nn.Module):
             >>> model = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 2))
             >>> labeler = AuxiliaryLabeler(model, tasks=TransformLabels())
             >>> opt = torch.optim.SGD(labeler.parameters(), lr=0.1)
-            >>> x, y = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 0, 1])
-            >>> out = labeler(x, y)
-            >>> out["loss"].backward()
-            >>> opt.step()
+            >>> out = labeler(torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 0, 1]))
+            >>> out["loss"].backward(); opt.step()
             >>> sorted(out)
             ['aux_loss', 'logits', 'loss', 'primary_loss', 'task_losses']
         """
         if y is None:
             if aux_target is not None:
                 raise ValueError("aux_target was given without labels y; call labeler(x, y, ...)")
-            return primary_logits(self.model(x), self.output)
+            if not self._locator.verified:  # the first forwards check what the logits are
+                return self.features(x)[0]
+            z = self._locator(self.model(x))
+            self._locator.check_width(z)
+            return z
         return loss_forward(self, x, y, aux_target)
 
     def meta_step(
@@ -308,9 +306,8 @@ class AuxiliaryLabeler(nn.Module):
                 step whose gradients overflowed is skipped (the scaler skips it too).
 
         Returns:
-            ``meta_loss`` (the primary loss after the look-ahead, plus the learned tasks'
-            regularisers; ``None`` without an update), ``meta_updated``, ``meta_mode`` and
-            ``skipped`` (1 when non-finite gradients skipped the update).
+            ``meta_loss`` (the primary loss after the look-ahead plus the regularisers;
+            ``None`` without an update), ``meta_updated``, ``meta_mode``, ``skipped``.
 
         Raises:
             RuntimeError: if a learned task exists but no training forward ``labeler(x,
@@ -325,8 +322,7 @@ class AuxiliaryLabeler(nn.Module):
             >>> labeler = AuxiliaryLabeler(model, psi=2)
             >>> opt = torch.optim.SGD(labeler.model_parameters(), lr=0.1, momentum=0.9)
             >>> gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=1e-3)
-            >>> x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
-            >>> labeler(x, y)["loss"].backward()
+            >>> labeler(torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,)))["loss"].backward()
             >>> labeler.meta_step(opt, gen_opt)["meta_updated"]
             True
             >>> opt.step()
@@ -334,15 +330,12 @@ class AuxiliaryLabeler(nn.Module):
         return meta_update(self, optimizer, gen_optimizer, meta_batch, scaler)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state = dict(state)
-        state["_pending"], state["_forwarded"], state["_guard"] = None, False, HeadGuard()
-        return state
+        return {**super().__getstate__(), **loop_state(list(self.tasks))}  # no pending forward
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Primary logits and the classifier's input features ``(N, feature_dim)``."""
         out, h = self._tap.run(lambda: self.model(x))
-        return primary_logits(out, self.output), h
+        return self._locator(out), h
 
     def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Primary logits and the first task's auxiliary logits, from one forward."""
@@ -359,13 +352,9 @@ class AuxiliaryLabeler(nn.Module):
         """
         task = self._first("GeneratedLabels", _is(GeneratedLabels))
         x, y = self._check_batch(x, y)
-        saved = [(b, b.clone()) for b in self.buffers()]
-        try:
+        with kept_buffers(self):
             h = self.features(x)[1] if task.needs_features else None
             return task.labels(x, y, h)
-        finally:
-            for b, c in saved:
-                b.copy_(c)
 
     @torch.no_grad()
     def aggregated_log_probs(self, x: Tensor) -> Tensor:
@@ -373,11 +362,13 @@ class AuxiliaryLabeler(nn.Module):
         :class:`~auxgen.TransformLabels` task with a joint head: the mean over the
         transformed views of the joint log-probability of each class under the right
         transform. Its argmax is a class; call it in eval mode (a forward of ``K`` views).
+        Buffers (BatchNorm statistics) are left as they were, whatever the mode.
         """
         task = self._first("TransformLabels (joint head)", _is(TransformLabels, joint=True))
         head = self.aux_heads[list(self.tasks).index(task)]
         inner = getattr(task, "task", task)  # a LearnedWeight's task
-        return inner.aggregated_log_probs(lambda v: self.features(v)[1], head, x)
+        with kept_buffers(self):
+            return inner.aggregated_log_probs(lambda v: self.features(v)[1], head, x)
 
     # -------------------------------------------------------------------- step
     def step(
@@ -424,6 +415,7 @@ class AuxiliaryLabeler(nn.Module):
         Raises:
             NonFiniteError: on a non-finite loss or gradient with ``nonfinite="raise"``.
         """
+        check_grad_enabled("step()")
         x, y = self._check_batch(x, y)
         meta_xy = check_meta_batch(meta_batch, x, self.num_classes, self._device(), self._what())
         check_optimizers(
@@ -454,7 +446,7 @@ class AuxiliaryLabeler(nn.Module):
 
     def _parts(self) -> StepParts:
         return StepParts(
-            self.model, self._tap, list(self.tasks), list(self.aux_heads), self.output,
+            self.model, self._tap, list(self.tasks), list(self.aux_heads), self._locator,
             self.loss, self.focal_gamma, self._jvp, self._ranks, self.classifier_name,
             self.fd_eps, self.nonfinite, self.diagnostics,
         )  # fmt: skip

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .labeler import AuxiliaryLabeler
 
 __all__ = [
-    "HeadGuard", "ddp_ignored", "ignore_meta_parameters", "loss_forward", "meta_update",
+    "HeadGuard", "ddp_ignored", "ignore_meta_parameters", "loop_state", "loss_forward",
+    "meta_update",
     "trained_head_parameters", "unwrap_optimizer",
 ]  # fmt: skip
 
@@ -200,6 +201,17 @@ def loss_forward(
         labeler._steps += 1
         labeler._pending, labeler._forwarded = pending, True
     return result
+
+
+def loop_state(tasks: Sequence[nn.Module]) -> dict[str, Any]:
+    """The labeler's loss-form state, fresh: no pending forward, a new :class:`HeadGuard`,
+    and the names ``DistributedDataParallel`` must not wait for (:func:`ddp_ignored`)."""
+    return {
+        "_pending": None,  # what meta_step() needs from the last training forward
+        "_forwarded": False,  # a training forward since the last meta_step()
+        "_guard": HeadGuard(),  # refuses an optimiser without the auxiliary heads
+        "_ddp_params_and_buffers_to_ignore": ddp_ignored(tasks),
+    }
 
 
 def _result() -> dict[str, Any]:

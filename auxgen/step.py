@@ -28,8 +28,9 @@ half-changed when an error escapes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -45,7 +46,8 @@ from .mirror import is_mirrored, sgd_stand_in
 from .tasks.base import AuxiliaryTask, TaskPlan
 
 __all__ = [
-    "NonFiniteError", "Pending", "StepParts", "meta_gradient", "multitask_loss", "training_step",
+    "NonFiniteError", "Pending", "StepParts", "kept_buffers", "meta_gradient", "multitask_loss",
+    "training_step",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,16 @@ def training_step(
     if out["skipped"]:
         _restore(saved)
     return out
+
+
+@contextlib.contextmanager
+def kept_buffers(module: nn.Module) -> Iterator[None]:
+    """Restore ``module``'s buffers (BatchNorm statistics) on leaving, however it is left."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        _restore(saved)
 
 
 def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
@@ -450,7 +462,7 @@ def _evaluators(
 
     def loss_matrix_at(values: list[Tensor]) -> Tensor:
         inputs = pending.inputs
-        _, h_all = parts.tap.run(lambda: primary_logits(run_at(values, inputs), parts.output))
+        _, h_all = parts.tap.run(lambda: run_at(values, inputs))
         h = h_all if inputs is x else h_all[:n]
         mats = []
         for j in pending.learned:

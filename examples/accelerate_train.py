@@ -1,22 +1,21 @@
-"""MAXL with Hugging Face Accelerate: device placement, mixed precision, several processes.
+"""Auxiliary tasks with Hugging Face Accelerate: devices, mixed precision, several processes.
 
-Accelerate supplies the parts of a training script that depend on where it runs; auxgen
-supplies the data-parallel averaging. ``AuxiliaryLabeler.step`` all-reduces the multi-task
-gradient, the look-ahead gradient and the generator's meta-gradient itself whenever a
-``torch.distributed`` process group with more than one process exists, which is the job a
-``DistributedDataParallel`` wrapper does in an ordinary script (DDP's backward hooks cannot
-see the step's look-ahead and meta-gradient). So:
+An ordinary Accelerate loop around the labeler's loss form:
 
-* the labeler is **not** passed to ``accelerator.prepare`` (that would wrap it in DDP); it is
-  moved to ``accelerator.device``, and its first ``step`` in a process group copies rank 0's
-  parameters and buffers to every process;
-* only the data loaders are prepared: each process gets its own shard of every batch list,
-  already on ``accelerator.device``;
-* mixed precision is ``accelerator.autocast()`` around the step (``--mixed-precision bf16``;
-  there is no gradient scaler, so use bfloat16, not float16);
-* every process calls ``step`` the same number of times (the prepared loader gives every
-  process the same number of full batches) and the script checks at the end that the
-  parameters of all processes are identical.
+* ``accelerator.prepare(labeler, opt, loader, test_loader)``: the labeler is moved to
+  ``accelerator.device`` and, with several processes, wrapped in
+  ``DistributedDataParallel`` (the labeler names its generator's parameters for DDP to
+  ignore); each process gets its own shard of every batch list;
+* ``model(x, y)["loss"]`` is the multi-task loss (under ``--mixed-precision bf16`` the
+  prepared forward runs under autocast); ``accelerator.backward`` backpropagates it and
+  DDP averages the gradients across processes;
+* ``accelerator.clip_grad_norm_`` clips them (``--clip-grad``);
+* with MAXL (``--task maxl``, the default) ``accelerator.unwrap_model(model).meta_step(opt,
+  gen_opt)`` updates the label generator between the backward and ``opt.step()``: it unwraps
+  the prepared optimiser itself and averages the meta-gradient across processes. Under
+  ``--mixed-precision fp16`` it also gets Accelerate's ``GradScaler`` (``scaler=``);
+* the script checks at the end that the parameters of all processes are identical and the
+  main process saves the unwrapped labeler's ``state_dict``.
 
     python examples/accelerate_train.py --data-dir ~/data --download --mixed-precision bf16
     accelerate launch --num_processes 2 examples/accelerate_train.py --data-dir ~/data
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10
 
@@ -100,16 +99,16 @@ def max_divergence(labeler: AuxiliaryLabeler, accelerator: Accelerator) -> float
     return float((every - every[:1]).abs().max())
 
 
-def evaluate(labeler: AuxiliaryLabeler, loader: DataLoader, accelerator: Accelerator) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
     """Primary-task accuracy over the whole test set, every process scoring its shard."""
-    labeler.eval()
+    model.eval()
     correct = total = 0
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad():
         for x, y in loader:
-            pred, y = accelerator.gather_for_metrics((labeler(x).argmax(1), y))
+            pred, y = accelerator.gather_for_metrics((model(x).argmax(1), y))  # model(x): logits
             correct += int((pred == y).sum())
             total += y.numel()
-    labeler.train()
+    model.train()
     return correct / max(total, 1)
 
 
@@ -118,13 +117,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--gen-lr", type=float, default=1e-3)
-    p.add_argument("--psi", type=int, default=5, help="auxiliary classes per class")
+    p.add_argument("--task", choices=["maxl", "rotation"], default="maxl")
+    p.add_argument("--psi", type=int, default=5, help="MAXL's auxiliary classes per class")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--out", default=None, help="checkpoint path (written by the main process)")
     p.add_argument("--seed", type=int, default=0)
@@ -145,47 +146,58 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train_set, test_set = build_data(args, accelerator)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
     test_loader = DataLoader(test_set, batch_size=2 * args.batch_size)
-    # Only the data loaders: shards per process, batches moved to accelerator.device.
-    loader, test_loader = accelerator.prepare(loader, test_loader)
 
-    # Not accelerator.prepare(labeler): no DDP wrapper; step() averages across processes.
-    labeler = AuxiliaryLabeler(SmallCNN(width=args.width), psi=args.psi).to(accelerator.device)
-    opt = torch.optim.SGD(labeler.model_parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=args.gen_lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    tasks = GeneratedLabels(args.psi) if args.task == "maxl" else TransformLabels()
+    labeler = AuxiliaryLabeler(SmallCNN(width=args.width), tasks=tasks)
+    # Over labeler.parameters(): the model and its auxiliary heads (and the generator, whose
+    # gradient only gen_opt applies: meta_step clears it from opt's view).
+    opt = torch.optim.SGD(labeler.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    gen_opt = None
+    if labeler.generator_parameters():  # a learned task (MAXL)
+        gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=args.gen_lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)  # per epoch
+    # The labeler too: device placement, autocast, and DDP under several processes.
+    model, opt, loader, test_loader = accelerator.prepare(labeler, opt, loader, test_loader)
     accelerator.print(
         f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision "
         f"{accelerator.mixed_precision}, global batch {accelerator.num_processes * args.batch_size}"
+        f", labeler prepared as {type(model).__name__}"
     )
 
     result: dict[str, Any] = {}
     for epoch in range(args.epochs):
-        labeler.train()
+        model.train()
         sums = torch.zeros(3, device=accelerator.device)  # primary loss, correct, seen
         for x, y in loader:
-            with accelerator.autocast():
-                out = labeler.step(x, y, opt, gen_opt)
+            opt.zero_grad()
+            out = model(x, y)  # loss, primary_loss, aux_loss, task_losses, logits
+            accelerator.backward(out["loss"])  # DDP averages the gradients
+            if args.clip_grad is not None:  # unscales first under fp16
+                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+            if gen_opt is not None:  # the generator's update, before opt.step()
+                accelerator.unwrap_model(model).meta_step(opt, gen_opt, scaler=accelerator.scaler)
+            opt.step()
             sums += torch.stack(
                 [
-                    out["primary_loss"].float() * y.numel(),
+                    out["primary_loss"].detach().float() * y.numel(),
                     (out["logits"].argmax(1) == y).sum().float(),
                     torch.tensor(float(y.numel()), device=y.device),
                 ]
             )
         sched.step()
-        labeler.broadcast_state()  # the main process's BatchNorm statistics everywhere
         loss, correct, seen = accelerator.reduce(sums, reduction="sum").tolist()
         result = {
             "epoch": epoch + 1,
             "train_loss": loss / seen,
             "train_acc": correct / seen,
-            "test_acc": evaluate(labeler, test_loader, accelerator),
+            "test_acc": evaluate(model, test_loader, accelerator),
         }
         accelerator.print(
             f"epoch {epoch + 1}: primary loss {result['train_loss']:.4f}, train acc "
             f"{result['train_acc']:.3f}, test acc {result['test_acc']:.3f}"
         )
 
+    labeler = accelerator.unwrap_model(model)
     result["max_divergence"] = max_divergence(labeler, accelerator)
     if result["max_divergence"] != 0.0:
         raise RuntimeError(f"parameters differ across processes by {result['max_divergence']}")

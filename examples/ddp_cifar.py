@@ -1,4 +1,4 @@
-"""Data-parallel MAXL on CIFAR-100 with ``torchrun`` (one ``AuxiliaryLabeler`` per process).
+"""Data-parallel MAXL on CIFAR-100 with ``torchrun`` and ``DistributedDataParallel``.
 
 Run on one machine with two processes (CPU: gloo backend; one GPU per process: nccl)::
 
@@ -18,22 +18,26 @@ the generator invents ``--psi`` (default 5) auxiliary classes per superclass.
 
 How the data-parallel training works:
 
-* Every process builds the same model, ``AuxiliaryLabeler``, optimisers and schedulers; the
-  first ``step`` broadcasts rank 0's parameters and buffers (``labeler.broadcast_state()``)
-  so that all ranks start equal even when the seeds differ.
-* There is **no** ``DistributedDataParallel`` wrapper. ``AuxiliaryLabeler.step`` notices the
-  initialised process group and averages (all-reduce / world size) the multi-task gradient,
-  the look-ahead gradient and the generator's meta-gradient itself, so every rank applies the
-  same update and the parameters stay identical (the script checks this at the end). See
-  ``docs/distributed.md`` for what exactly is averaged.
+* Every process builds the same model and ``AuxiliaryLabeler`` and wraps the labeler in
+  ``DistributedDataParallel``, which copies rank 0's parameters and buffers to every rank at
+  construction. The labeler names its generator's parameters for DDP to ignore: only
+  ``meta_step`` trains them.
+* Each step is the loss form: ``ddp(x, y)["loss"].backward()`` (DDP averages the multi-task
+  gradient across ranks), then ``labeler.meta_step(opt, gen_opt)`` on the unwrapped labeler
+  (the look-ahead from the averaged gradient; the generator's meta-gradient is averaged
+  across ranks), then ``opt.step()``. Every rank applies the same updates, so the parameters
+  stay identical (the script checks this at the end).
 * A ``DistributedSampler`` gives each rank its own shard of every epoch; ``set_epoch`` makes
   the shuffle differ between epochs. ``--batch-size`` is per rank, so the global batch is
   ``world_size * batch_size``. ``drop_last=True`` keeps every local batch the same size (the
-  average of per-rank means is the global mean only then) and every rank must call ``step``
-  the same number of times, since each call runs collective operations.
-* BatchNorm running statistics are not averaged by ``step``: each rank keeps the statistics
-  of its own batches. Before evaluating and saving, the script broadcasts rank 0's state
-  with ``labeler.broadcast_state()`` (what DDP's ``broadcast_buffers`` does).
+  average of per-rank means is the global mean only then) and every rank runs the same
+  number of steps, since each runs collective operations.
+* BatchNorm running statistics: DDP broadcasts rank 0's buffers before each training
+  forward. Evaluation also runs through the DDP wrapper, whose first forward after training
+  does the same, so every rank evaluates and saves rank 0's statistics (the script checks
+  that the buffers agree too).
+* ``--nonfinite skip``: when ``meta_step`` reports non-finite gradients (the same on every
+  rank after DDP's averaging) the script skips that optimiser step on every rank.
 * Evaluation is sharded over the ranks and the correct counts are summed; only rank 0
   logs and writes the checkpoint.
 """
@@ -51,6 +55,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from auxgen import AuxiliaryLabeler, GeneratedLabels
@@ -144,9 +149,9 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def max_divergence(module: nn.Module, device: torch.device) -> float:
-    """Largest absolute difference between any rank's parameters and rank 0's."""
-    flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+def max_divergence(tensors: list[Tensor], device: torch.device) -> float:
+    """Largest absolute difference between any rank's ``tensors`` and rank 0's."""
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
     if not is_dist():
         return 0.0
     ref = flat.clone()
@@ -186,21 +191,25 @@ def load_data(args: argparse.Namespace, rank: int, local_rank: int) -> tuple[Dat
 # ------------------------------------------------------------------------------------ train
 @torch.no_grad()
 def evaluate(
-    labeler: AuxiliaryLabeler, test: Dataset, args: argparse.Namespace, device: torch.device
+    model: nn.Module, test: Dataset, args: argparse.Namespace, device: torch.device
 ) -> float:
-    """Primary-task accuracy over the whole test set, each rank scoring every world-th sample."""
+    """Primary-task accuracy over the whole test set, each rank scoring every world-th sample.
+
+    ``model`` is the DDP-wrapped labeler: ``model(x)`` is the primary logits, and DDP's first
+    forward after training broadcasts rank 0's BatchNorm statistics.
+    """
     rank = dist.get_rank() if is_dist() else 0
     world = dist.get_world_size() if is_dist() else 1
     shard = Subset(test, range(rank, len(test), world))  # type: ignore[arg-type]
     loader = DataLoader(shard, batch_size=2 * args.batch_size, num_workers=args.workers)
-    labeler.eval()
+    model.eval()
     correct = total = 0
     for batch in loader:
         x, y = batch[0].to(device), batch[1].to(device)
         with autocast(args, device):
-            correct += int((labeler(x).argmax(1) == y).sum())
+            correct += int((model(x).argmax(1) == y).sum())
         total += y.numel()
-    labeler.train()
+    model.train()
     correct, total = all_sum([correct, total], device)
     return correct / max(total, 1.0)
 
@@ -244,8 +253,16 @@ def train(args: argparse.Namespace) -> None:
         fd_eps=args.fd_eps,
         nonfinite=args.nonfinite,
     ).to(device)
+    # DDP copies rank 0's parameters and buffers to every rank here, averages the gradients
+    # in backward and ignores the generator's parameters (the labeler names them). Without
+    # torchrun (no process group) the labeler trains on its own.
+    ddp: nn.Module = labeler
+    if is_dist():
+        ddp = DistributedDataParallel(
+            labeler, device_ids=[device] if device.type == "cuda" else None
+        )
     opt = torch.optim.SGD(
-        labeler.model_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        labeler.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
     gen_opt = torch.optim.SGD(
         labeler.generator_parameters(), lr=args.gen_lr, weight_decay=args.weight_decay
@@ -258,27 +275,33 @@ def train(args: argparse.Namespace) -> None:
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)  # a different shuffle (and shard assignment) every epoch
-        labeler.train()
+        ddp.train()
         sums = [0.0] * 5  # loss, primary, meta, correct, seen
         skipped = 0
         start = time.perf_counter()
         for batch in loader:
             x = batch[0].to(device, non_blocking=True)
             y = batch[1].to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
             with autocast(args, device):
-                out = labeler.step(x, y, opt, gen_opt)
-            skipped += out["skipped"]
-            meta = out["meta_loss"]
-            sums[0] += float(out["loss"]) * y.numel()
-            sums[1] += float(out["primary_loss"]) * y.numel()
-            sums[2] += (float(meta) if meta is not None else 0.0) * y.numel()
+                out = ddp(x, y)  # loss, primary_loss, aux_loss, task_losses, logits
+            out["loss"].backward()  # DDP all-reduces the gradients
+            meta = labeler.meta_step(opt, gen_opt)  # on the unwrapped labeler, before the step
+            if meta["skipped"]:  # non-finite gradients (nonfinite="skip"): no update anywhere
+                skipped += 1
+                continue
+            opt.step()
+            meta_loss = meta["meta_loss"]
+            sums[0] += float(out["loss"].detach()) * y.numel()
+            sums[1] += float(out["primary_loss"].detach()) * y.numel()
+            sums[2] += (float(meta_loss) if meta_loss is not None else 0.0) * y.numel()
             sums[3] += float((out["logits"].argmax(1) == y).sum())
             sums[4] += y.numel()
         for s in scheds:
             s.step()
-        labeler.broadcast_state()  # rank 0's BatchNorm statistics everywhere (ranks are equal)
         loss, primary, meta_loss, correct, seen = all_sum(sums, device)
-        test_acc = evaluate(labeler, test_set, args, device)
+        seen = max(seen, 1.0)
+        test_acc = evaluate(ddp, test_set, args, device)
         logger.info(
             "epoch %d: loss %.4f primary %.4f meta %.4f train acc %.4f test acc %.4f "
             "skipped %d (%.1fs)",
@@ -286,10 +309,14 @@ def train(args: argparse.Namespace) -> None:
             skipped, time.perf_counter() - start,
         )  # fmt: skip
 
-    div = max_divergence(labeler, device)
+    div = max_divergence(list(labeler.parameters()), device)
     if div != 0.0:
         raise RuntimeError(f"parameters diverged across ranks (max difference {div:.3g})")
     logger.info("parameters in sync across %d ranks (max difference %.1g)", world, div)
+    buffers = [b for b in labeler.buffers() if b.is_floating_point()]
+    div = max_divergence(buffers, device)
+    if div != 0.0:
+        raise RuntimeError(f"BatchNorm statistics differ across ranks (max difference {div:.3g})")
     if rank == 0 and args.out is not None:
         torch.save({"labeler": labeler.state_dict(), "args": vars(args)}, args.out)
         logger.info("saved %s", args.out)

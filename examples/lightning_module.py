@@ -1,28 +1,24 @@
-"""MAXL in PyTorch Lightning: a ``LightningModule`` with manual optimisation.
+"""Auxiliary tasks in PyTorch Lightning, with automatic optimisation.
 
-``AuxiliaryLabeler.step`` computes the gradients and steps both optimisers itself (the
-multi-task update, then the generator's meta-gradient update), so the module turns
-Lightning's automatic optimisation off and its ``training_step`` calls ``step`` with the
-``torch.optim`` optimisers inside Lightning's ``LightningOptimizer`` wrappers
-(``opt.optimizer``). Lightning still does the rest: device placement, the loops,
-validation, logging, checkpoints (the labeler is a sub-module, so its state, including the
-generator, is in Lightning's checkpoint) and mixed precision (``--precision bf16-mixed``:
-the training step runs under autocast; use bfloat16, since the step has no gradient scaler).
+The ``LightningModule`` holds an ``AuxiliaryLabeler`` around its classifier; its
+``training_step`` returns ``self.labeler(x, y)["loss"]`` (the primary loss plus the weighted
+auxiliary losses) and ``configure_optimizers`` builds one optimiser over
+``self.parameters()`` with a per-epoch cosine schedule. Lightning does everything else:
+the backward, gradient clipping (``--gradient-clip-val``), mixed precision
+(``--precision bf16-mixed``), the optimiser and scheduler steps, devices, the loops,
+validation, logging and checkpoints (the labeler is a sub-module, so its auxiliary heads and
+generator are in Lightning's checkpoint).
 
-Two things differ from an automatically optimised module:
-
-* Lightning counts optimiser steps (``trainer.global_step``, used by ``max_steps``, logging
-  and ``ModelCheckpoint``) inside ``LightningOptimizer.step``, which the labeler bypasses;
-  ``training_step`` calls the wrapper's ``_on_before_step`` / ``_on_after_step`` hooks
-  around ``labeler.step`` so that every training step counts once. Schedulers are stepped
-  by hand (here once per epoch in ``on_train_epoch_end``), as manual optimisation requires;
-* the example runs on one device. ``step`` averages gradients across processes itself
-  when a ``torch.distributed`` process group exists, so a multi-device run must not wrap the
-  module in ``DistributedDataParallel`` (see ``examples/accelerate_train.py`` and
-  ``examples/ddp_cifar.py`` for multi-process training).
+The auxiliary task is chosen with ``--task``: ``rotation`` (the default: labels from the four
+rotations of each image, ``TransformLabels``) needs nothing more. ``maxl`` (MAXL's generated
+labels, ``GeneratedLabels(--psi)``) is a learned task: the ``Trainer`` gets the
+``auxgen.integrations.lightning.MetaStep`` callback, which runs ``labeler.meta_step`` with the
+generator's own optimiser (SGD at ``--gen-lr``) before every optimiser step and logs
+``labeler/meta_loss``.
 
     pip install "auxgen[lightning]"
     python examples/lightning_module.py --data-dir ~/data --download --max-epochs 5
+    python examples/lightning_module.py --task maxl --data-dir ~/data --precision bf16-mixed
     python examples/lightning_module.py --smoke      # fake images, Trainer(fast_dev_run=2)
 """
 
@@ -38,7 +34,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from auxgen import AuxiliaryLabeler
+from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
+from auxgen.integrations.lightning import MetaStep
 
 
 class SmallCNN(nn.Module):
@@ -63,60 +60,49 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-class MAXLModule(L.LightningModule):
-    """Any classifier trained with MAXL auxiliary labels under a Lightning ``Trainer``.
+class AuxiliaryModule(L.LightningModule):
+    """Any classifier trained with an auxiliary task under a Lightning ``Trainer``.
 
     Args:
         model: the classifier (its last ``nn.Linear`` or timm/torchvision head is found).
-        psi: auxiliary classes per primary class.
-        lr: learning rate of the multi-task SGD optimiser (cosine-annealed per epoch).
-        gen_lr: learning rate of the generator's optimiser.
+        task: ``"rotation"`` (``TransformLabels``) or ``"maxl"`` (``GeneratedLabels``; the
+            ``Trainer`` then needs the ``MetaStep`` callback).
+        psi: MAXL's auxiliary classes per primary class.
+        lr: learning rate of the SGD optimiser (cosine-annealed per epoch).
         max_epochs: length of the cosine schedule.
     """
 
     def __init__(
-        self, model: nn.Module, *, psi: int = 5, lr: float = 0.05, gen_lr: float = 1e-3,
+        self, model: nn.Module, *, task: str = "rotation", psi: int = 5, lr: float = 0.05,
         max_epochs: int = 10,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.automatic_optimization = False  # labeler.step computes gradients and steps
         self.save_hyperparameters(ignore=["model"])
-        self.labeler = AuxiliaryLabeler(model, psi=psi)
+        tasks = TransformLabels() if task == "rotation" else GeneratedLabels(psi)
+        self.labeler = AuxiliaryLabeler(model, tasks=tasks)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.labeler(x)  # == model(x)
 
     def configure_optimizers(self) -> Any:
+        # Over self.parameters(): the model, the auxiliary heads and (for MAXL) the generator,
+        # whose gradient only MetaStep's own optimiser applies.
         opt = torch.optim.SGD(
-            self.labeler.model_parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=5e-4
-        )
-        gen_opt = torch.optim.SGD(
-            self.labeler.generator_parameters(), lr=self.hparams.gen_lr, weight_decay=5e-4
+            self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=5e-4
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.hparams.max_epochs)
-        return [opt, gen_opt], [sched]
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        opt, gen_opt = self.optimizers()
-        # Lightning counts optimiser steps (trainer.global_step, which max_steps, logging and
-        # ModelCheckpoint rely on) in these two hooks of LightningOptimizer.step; the labeler
-        # steps the optimisers itself, so call them around it: one count per training step.
-        opt._on_before_step()
-        # Unwrap Lightning's LightningOptimizer: the step mirrors the torch.optim optimiser.
-        out = self.labeler.step(x, y, opt.optimizer, gen_opt.optimizer)
-        opt._on_after_step()
+        out = self.labeler(x, y)  # loss, primary_loss, aux_loss, task_losses, logits
         acc = (out["logits"].argmax(1) == y).float().mean()
-        self.log_dict(
-            {"train/primary_loss": out["primary_loss"], "train/aux_loss": out["aux_loss"],
-             "train/acc": acc},
-            prog_bar=True, on_step=True, on_epoch=True, batch_size=y.numel(),
-        )  # fmt: skip
-        if out["meta_loss"] is not None:
-            self.log("train/meta_loss", out["meta_loss"], on_epoch=True, batch_size=y.numel())
-
-    def on_train_epoch_end(self) -> None:
-        self.lr_schedulers().step()  # manual optimisation: schedulers are stepped by hand
+        every = {"on_step": True, "on_epoch": True, "batch_size": y.numel()}
+        self.log("train/loss", out["loss"], prog_bar=True, **every)
+        logs = {"train/primary_loss": out["primary_loss"], "train/aux_loss": out["aux_loss"],
+                "train/acc": acc}  # fmt: skip
+        self.log_dict(logs, **every)
+        return out["loss"]  # Lightning runs backward, clipping, MetaStep and the step
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -151,10 +137,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true", help="download MNIST if missing")
     p.add_argument("--max-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--psi", type=int, default=5, help="auxiliary classes per digit")
+    p.add_argument("--task", choices=["rotation", "maxl"], default="rotation")
+    p.add_argument("--psi", type=int, default=5, help="MAXL's auxiliary classes per digit")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--gen-lr", type=float, default=1e-3)
+    p.add_argument("--gen-lr", type=float, default=1e-3, help="MAXL generator's learning rate")
     p.add_argument("--precision", default="32-true", help='Lightning precision, e.g. "bf16-mixed"')
+    p.add_argument("--gradient-clip-val", type=float, default=None, help="clip the gradient norm")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -179,15 +167,22 @@ def main(argv: Optional[list[str]] = None) -> L.Trainer:
             val_set, batch_size=2 * args.batch_size, num_workers=args.workers
         ),
     }  # fmt: skip
-    module = MAXLModule(
-        SmallCNN(), psi=args.psi, lr=args.lr, gen_lr=args.gen_lr, max_epochs=args.max_epochs
+    module = AuxiliaryModule(
+        SmallCNN(), task=args.task, psi=args.psi, lr=args.lr, max_epochs=args.max_epochs
     )
+    callbacks = []
+    if args.task == "maxl":  # a learned task: the generator's update before each step
+        callbacks.append(
+            MetaStep(lambda params: torch.optim.SGD(params, lr=args.gen_lr, weight_decay=5e-4))
+        )
     smoke = {"fast_dev_run": 2, "logger": False, "enable_checkpointing": False}
     trainer = L.Trainer(
         max_epochs=args.max_epochs,
         accelerator=args.accelerator,
         devices=1,
         precision=args.precision,
+        gradient_clip_val=args.gradient_clip_val,
+        callbacks=callbacks,
         enable_model_summary=not args.smoke,
         **(smoke if args.smoke else {}),
     )

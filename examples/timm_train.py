@@ -1,14 +1,17 @@
 """auxgen in a timm training recipe: timm model, optimiser factory, scheduler, AMP, resume.
 
-The pieces of timm's own ``train.py`` loop, with ``AuxiliaryLabeler.step`` as the update and
-the auxiliary task chosen with ``--task``: ``rotations`` (labels from the four rotations of
-each image, ``TransformLabels``), ``maxl`` (MAXL's generated labels, ``GeneratedLabels``) or
-``rotations+maxl`` (both at once):
+The pieces of timm's own ``train.py`` loop around the labeler as a timm training task
+(``auxgen.integrations.timm.AuxiliaryTrainingTask``): ``task(x, y)`` returns the multi-task
+``"loss"`` and the ``"output"`` logits, and the loop does the rest. The auxiliary task is
+chosen with ``--task``: ``rotations`` (labels from the four rotations of each image,
+``TransformLabels``), ``maxl`` (MAXL's generated labels, ``GeneratedLabels``) or
+``rotations+maxl`` (both at once); a learned task (MAXL) adds ``task.meta_step`` between the
+backward and the optimiser step.
 
 * ``timm.create_model`` (``pretrained=False``; any timm classifier works, the labeler finds
   its head through ``get_classifier()``);
-* ``timm.optim.create_optimizer_v2`` over the model and the auxiliary head, with timm's
-  weight-decay grouping (no decay on biases and norms). The look-ahead mirrors
+* ``timm.optim.create_optimizer_v2`` over the model and the auxiliary heads, with timm's
+  weight-decay grouping (no decay on biases and norms). MAXL's look-ahead mirrors
   ``torch.optim`` SGD, Adam and AdamW, which is what ``sgd``, ``momentum``, ``nesterov``,
   ``adam`` and ``adamw`` create;
 * ``timm.scheduler.create_scheduler_v2`` (cosine with warm-up by default), stepped with
@@ -16,12 +19,14 @@ each image, ``TransformLabels``), ``maxl`` (MAXL's generated labels, ``Generated
   look-ahead reads the learning rate the scheduler has just set;
 * a ``DataLoader`` over a torchvision dataset read from ``--data-dir``
   (``--dataset fashion_mnist``, ``mnist`` or ``cifar10``; ``--download`` fetches it);
-* mixed precision with ``--amp``: ``torch.autocast`` in bfloat16 (CPU and CUDA). The step
-  runs its own backward passes, so there is no ``GradScaler``; bfloat16 needs none
-  (float16 is not recommended, see the mixed-precision section of the distributed-training
-  page of the docs);
-* a checkpoint after every epoch (labeler, both optimisers, scheduler, RNG state), written
-  atomically; ``--resume`` continues exactly where it stopped.
+* mixed precision with ``--amp``: ``torch.autocast`` around the task's forward, in bfloat16
+  by default (CPU and CUDA); ``--amp-dtype float16`` adds a ``torch.amp.GradScaler``, which
+  ``meta_step`` receives as ``scaler=`` (it unscales the gradients first and skips an
+  overflowed step, as the scaler does);
+* gradient clipping with ``--clip-grad`` (timm's ``dispatch_clip_grad``: ``--clip-mode``
+  ``norm``, ``value`` or ``agc``), after unscaling and before the meta-update;
+* a checkpoint after every epoch (labeler, both optimisers, scheduler, gradient scaler, RNG
+  state), written atomically; ``--resume`` continues exactly where it stopped.
 
     python examples/timm_train.py --data-dir ~/data --download --epochs 10 --amp
     python examples/timm_train.py --data-dir ~/data --checkpoint run.pt --resume
@@ -42,11 +47,13 @@ import torch
 import torchvision
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
+from auxgen.integrations.timm import AuxiliaryTrainingTask
 
 logger = logging.getLogger("timm_train")
 
@@ -105,13 +112,13 @@ def build(
     if "maxl" in args.task:
         tasks.append(GeneratedLabels(args.psi))
     labeler = AuxiliaryLabeler(model, tasks=tasks, meta=args.meta).to(device)
-    # The main optimiser must hold only labeler.model_parameters() (model + auxiliary head);
+    # The main optimiser holds the model and the auxiliary heads (labeler.model_parameters());
     # a ModuleDict over the two lets timm apply its weight-decay grouping to both.
     multi_task = nn.ModuleDict({"model": labeler.model, "aux_heads": labeler.aux_heads})
     opt = create_optimizer_v2(
         multi_task, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9
     )
-    # The generator's optimiser is not looked ahead through: any optimiser works.
+    # The generator's optimiser (stepped by meta_step) is not looked ahead through: any works.
     gen_opt = None
     if labeler.generator_parameters():
         gen_opt = create_optimizer_v2(
@@ -149,8 +156,10 @@ def evaluate(labeler: AuxiliaryLabeler, loader: DataLoader, args: argparse.Names
 
 
 def autocast(args: argparse.Namespace, device: torch.device) -> Any:
-    """bfloat16 autocast with ``--amp``, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    """Autocast in ``--amp-dtype`` with ``--amp``, else a no-op context."""
+    if not args.amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -172,7 +181,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--meta", choices=["second_order", "first_order"], default="second_order")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    p.add_argument(
+        "--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+        help="autocast dtype; float16 adds a GradScaler",
+    )  # fmt: skip
+    p.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this value")
+    p.add_argument("--clip-mode", choices=["norm", "value", "agc"], default="norm")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checkpoint", default=None, help="checkpoint file, written every epoch")
@@ -188,6 +203,36 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.model, args.batch_size, args.workers = "test_resnet", 16, 0
         args.epochs = min(args.epochs, 2)
     return args
+
+
+def train_one_step(
+    task: AuxiliaryTrainingTask,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    gen_opt: Optional[torch.optim.Optimizer],
+    scaler: Optional[torch.amp.GradScaler],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One update: forward (under autocast), backward, clipping, MAXL's meta step, step."""
+    opt.zero_grad(set_to_none=True)
+    with autocast(args, x.device):
+        out = task(x, y)  # {"loss", "output", "primary_loss", "aux_loss", "task_losses"}
+    if scaler is not None:
+        scaler.scale(out["loss"]).backward()
+        scaler.unscale_(opt)  # clipping and the meta-gradient see the true gradients
+    else:
+        out["loss"].backward()
+    if args.clip_grad is not None:
+        dispatch_clip_grad(task.labeler.model_parameters(), args.clip_grad, mode=args.clip_mode)
+    if gen_opt is not None:  # a learned task: update the generator before opt.step()
+        task.meta_step(opt, gen_opt, scaler=scaler)
+    if scaler is not None:
+        scaler.step(opt)  # skipped when the gradients overflowed
+        scaler.update()
+    else:
+        opt.step()
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -208,6 +253,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     test_loader = DataLoader(test_set, batch_size=2 * args.batch_size, num_workers=args.workers)
     labeler, opt, gen_opt, scheduler = build(args, in_chans, len(loader), device)
+    task = AuxiliaryTrainingTask(labeler, device=device, verbose=False)
+    # float16 needs loss scaling; bfloat16 has float32's range and needs none
+    fp16 = args.amp and args.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
 
     start_epoch = 0
     ckpt = Path(args.checkpoint) if args.checkpoint else None
@@ -218,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if gen_opt is not None:
             gen_opt.load_state_dict(state["gen_optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
         start_epoch = state["epoch"]
         scheduler.step(start_epoch)  # timm's train.py: set the lr for the resumed epoch
@@ -226,15 +277,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
         loader.generator.manual_seed(args.seed + epoch)  # type: ignore[union-attr]
-        labeler.train()
+        task.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for i, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(args, device):
-                out = labeler.step(x, y, opt, gen_opt)
+            out = train_one_step(task, x, y, opt, gen_opt, scaler, args)
             scheduler.step_update(num_updates=epoch * len(loader) + i + 1)
             loss_sum += float(out["primary_loss"]) * y.numel()
-            correct += int((out["logits"].argmax(1) == y).sum())
+            correct += int((out["output"].argmax(1) == y).sum())
             seen += y.numel()
         scheduler.step(epoch + 1)
         result = {
@@ -257,6 +307,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     "optimizer": opt.state_dict(),
                     "gen_optimizer": gen_opt.state_dict() if gen_opt is not None else None,
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": torch.get_rng_state(),
                     "epoch": epoch + 1,
                     "args": vars(args),

@@ -347,11 +347,25 @@ class ScoresModel(nn.Module):
         return {"scores": self.fc(x)}
 
 
-def test_unknown_output_fails_at_first_step_and_output_override_trains():
+class TwoScoresModel(ScoresModel):
+    def forward(self, x):
+        z = self.fc(x)
+        return {"a": z + 1.0, "b": 2.0 * z}  # both computed from the classifier: ambiguous
+
+
+def test_structured_output_is_searched_and_output_override_trains():
     x, y = torch.randn(N, 6), torch.arange(N) % NUM_CLASSES
-    lab = AuxiliaryLabeler(ScoresModel(), psi=PSI)
+    lab = AuxiliaryLabeler(ScoresModel(), psi=PSI)  # {"scores": logits}: found by the search
     opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="the model returned a dict, not a Tensor"):
+    before = lab.model(x)["scores"].detach()
+    out = lab.step(x, y, opt)
+    assert lab._locator.path == ("scores",)
+    torch.testing.assert_close(out["logits"], before)
+    lab = AuxiliaryLabeler(TwoScoresModel(), psi=PSI)
+    opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"cannot tell which part of the model's output \(dict\) "
+                       r"is the primary logits: several tensors .* saw \['a'\]: \(4, 3\), "
+                       r"\['b'\]: \(4, 3\)\. Pass output="):  # fmt: skip
         lab.step(x, y, opt)
     for output in ("scores", lambda out: out["scores"]):
         torch.manual_seed(0)

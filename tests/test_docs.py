@@ -40,7 +40,9 @@ def test_docs_build_strict_with_api_reference(tmp_path: Path) -> None:
     assert "Softmax restricted to the children" in api  # masked_softmax
     assert "NonFiniteError" in api and "SUPPORTED_OPTIMIZERS" in api
     assert "&gt;&gt;&gt;" in api and "Example:" not in api  # doctests rendered as code
-    for page in ("timm_train", "lightning_module", "accelerate_train", "text_classifier"):
+    for page in (
+        "timm_train", "lightning_module", "accelerate_train", "hf_trainer", "text_classifier",
+    ):
         assert (tmp_path / "site" / "examples" / page / "index.html").is_file(), page
 
 

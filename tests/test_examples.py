@@ -1,9 +1,10 @@
 """The example programs users copy: each runs with ``--smoke`` and does what it says.
 
 The quick start, the CIFAR-100 script and the DDP script are run in ``test_cli.py`` and
-``test_distributed.py``; this file runs the timm, Lightning, Accelerate and text examples.
-Lightning and Accelerate are optional dependencies (``pip install "auxgen[lightning]"``,
-``accelerate``); the ``test`` extra installs both, so CI runs every example.
+``test_distributed.py``; this file runs the timm, Lightning, Accelerate, Hugging Face and
+text examples. Lightning, Accelerate and ``transformers`` are optional dependencies
+(``pip install "auxgen[lightning]"``, ``"auxgen[accelerate]"``, ``"auxgen[transformers]"``);
+the ``test`` extra installs them all, so CI runs every example.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def test_timm_example_offers_only_mirrored_optimizers() -> None:
 def test_timm_example_smoke_amp_and_exact_resume(tmp_path: Path, monkeypatch) -> None:
     """Two epochs in one go equal one epoch, a crash after its checkpoint, and a resume."""
     timm_train = load_example("timm_train")
-    args = ["--smoke", "--amp", "--task", "rotations+maxl", "--views", "one"]
+    args = ["--smoke", "--amp", "--task", "rotations+maxl", "--views", "one", "--clip-grad", "1"]
     full = timm_train.main([*args, "--checkpoint", str(tmp_path / "full.pt")])
     assert full["epoch"] == 2
     assert full["lr"] == pytest.approx(0.05 * 1e-2)  # timm's cosine schedule ended at min_lr
@@ -99,6 +100,42 @@ def test_timm_example_smoke_amp_and_exact_resume(tmp_path: Path, monkeypatch) ->
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
 
 
+def test_timm_example_float16_passes_the_scaler_to_meta_step(tmp_path: Path, monkeypatch) -> None:
+    """``--amp-dtype float16``: a ``GradScaler`` scales the loss and reaches ``meta_step``."""
+    timm_train = load_example("timm_train")
+    initial: dict[str, torch.Tensor] = {}
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    build = timm_train.build
+
+    def recorded_build(*args: Any) -> Any:
+        built = build(*args)
+        initial.update({k: v.detach().clone() for k, v in built[0].named_parameters()})
+        return built
+
+    class Spy(timm_train.AuxiliaryTrainingTask):
+        def meta_step(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            out = super().meta_step(*args, **kwargs)
+            calls.append((kwargs.get("scaler"), out))
+            return out
+
+    monkeypatch.setattr(timm_train, "build", recorded_build)
+    monkeypatch.setattr(timm_train, "AuxiliaryTrainingTask", Spy)
+    ckpt = tmp_path / "fp16.pt"
+    args = ["--smoke", "--amp", "--amp-dtype", "float16", "--task", "maxl", "--epochs", "1"]
+    result = timm_train.main([*args, "--clip-grad", "1", "--checkpoint", str(ckpt)])
+    assert result["epoch"] == 1
+    assert len(calls) == 2  # FakeData(32) in batches of 16: one meta step per update
+    assert all(isinstance(scaler, torch.amp.GradScaler) for scaler, _ in calls)
+    assert any(out["meta_updated"] for _, out in calls)  # an overflowed step is skipped
+    state = torch.load(ckpt, weights_only=False)
+    assert state["scaler"]["scale"] > 0  # the scaler's state is saved for --resume
+    labeler = state["labeler"]
+    assert all(torch.isfinite(labeler[name]).all() for name in initial)
+    for part in ("model.", "aux_heads.", "tasks.0.generator."):  # one update at warm-up lr
+        names = [k for k in initial if k.startswith(part)]
+        assert names and any(not torch.equal(labeler[k], initial[k]) for k in names), part
+
+
 def test_timm_example_without_data_says_how_to_get_it(tmp_path: Path) -> None:
     timm_train = load_example("timm_train")
     with pytest.raises(SystemExit, match=r"FashionMNIST not found under --data-dir .*--download"):
@@ -111,27 +148,39 @@ LEAFSPEC_DEPRECATED = "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated
 
 
 @pytest.mark.filterwarnings(LEAFSPEC_DEPRECATED)
-def test_lightning_example_smoke(monkeypatch) -> None:
-    """``Trainer(fast_dev_run=2)`` on CPU in bfloat16: two MAXL steps and a validation."""
+@pytest.mark.parametrize(
+    "task, extra",
+    [("rotation", ["--precision", "bf16-mixed", "--gradient-clip-val", "1.0"]), ("maxl", [])],
+)
+def test_lightning_example_smoke(task: str, extra: list[str], monkeypatch) -> None:
+    """``Trainer(fast_dev_run=2)`` on CPU, automatic optimisation: two steps and a validation."""
     pytest.importorskip("lightning")
     example = load_example("lightning_module")
     initial: dict[str, torch.Tensor] = {}
 
-    class Recorded(example.MAXLModule):  # keeps a copy of the initial weights
+    class Recorded(example.AuxiliaryModule):  # keeps a copy of the initial weights
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            initial.update({k: v.clone() for k, v in self.labeler.named_parameters()})
+            initial.update({k: v.detach().clone() for k, v in self.labeler.named_parameters()})
 
-    monkeypatch.setattr(example, "MAXLModule", Recorded)
-    trainer = example.main(["--smoke", "--precision", "bf16-mixed"])
+    monkeypatch.setattr(example, "AuxiliaryModule", Recorded)
+    trainer = example.main(["--smoke", "--task", task, *extra])
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
-    assert trainer.global_step == 2  # Lightning counted the labeler's steps
+    assert trainer.global_step == 2  # Lightning's own optimiser steps
+    assert trainer.gradient_clip_val == (1.0 if extra else None)
+    assert trainer.precision == ("bf16-mixed" if extra else "32-true")
     metrics = trainer.callback_metrics
-    for key in ("train/primary_loss", "train/aux_loss", "train/meta_loss", "val/acc"):
+    keys = ["train/loss", "train/primary_loss", "train/aux_loss", "val/acc"]
+    keys += ["labeler/meta_loss"] if task == "maxl" else []  # logged by MetaStep
+    for key in keys:
         assert torch.isfinite(metrics[key]), key
     labeler = trainer.lightning_module.labeler
-    opt, gen_opt = (o.optimizer if hasattr(o, "optimizer") else o for o in trainer.optimizers)
-    assert set(map(id, opt.state)) == set(map(id, labeler.model_parameters()))  # stepped
+    (opt,) = trainer.optimizers
+    generator = {id(p) for p in labeler.generator_parameters()}
+    assert bool(generator) == (task == "maxl")
+    # one SGD over the module's parameters; momentum for the model and the heads only (the
+    # generator's gradient is applied once, by MetaStep's own optimiser)
+    assert set(map(id, opt.state)) == set(map(id, labeler.model_parameters()))
     assert all("momentum_buffer" in s for s in opt.state.values())
     assert initial.keys() == dict(labeler.named_parameters()).keys()
     for name, p in labeler.named_parameters():  # model, auxiliary head and generator
@@ -149,23 +198,36 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def test_accelerate_example_smoke(tmp_path: Path, fresh_accelerate_state) -> None:
-    """One process, bfloat16 autocast from Accelerate, the labeler not wrapped in DDP."""
+def test_accelerate_example_smoke(tmp_path: Path, fresh_accelerate_state, monkeypatch) -> None:
+    """One process, bfloat16 autocast and clipping from Accelerate, MAXL's meta step."""
     example = load_example("accelerate_train")
-    result = example.main(["--smoke", "--mixed-precision", "bf16", "--out", str(tmp_path / "c.pt")])
+    initial: dict[str, torch.Tensor] = {}
+
+    class Recorded(example.AuxiliaryLabeler):  # keeps a copy of the initial weights
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            initial.update({k: v.detach().clone() for k, v in self.named_parameters()})
+
+    monkeypatch.setattr(example, "AuxiliaryLabeler", Recorded)
+    argv = ["--smoke", "--mixed-precision", "bf16", "--clip-grad", "1.0"]
+    result = example.main([*argv, "--out", str(tmp_path / "c.pt")])
     assert result["epoch"] == 2 and result["max_divergence"] == 0.0
-    assert 0.0 <= result["test_acc"] <= 1.0
+    assert 0.0 <= result["test_acc"] <= 1.0 and result["train_loss"] > 0
     state = torch.load(tmp_path / "c.pt", weights_only=False)["labeler"]
     assert {"model.fc.weight", "aux_heads.0.weight", "tasks.0.owner"} <= set(
         state
-    )  # not a DDP module.*
+    )  # the unwrapped labeler's keys, not a DDP module.*
     floats = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     assert all(v.dtype == torch.float32 for v in floats)
+    assert any(k.startswith("tasks.0.generator.") for k in initial)
+    for name, before in initial.items():  # model, auxiliary head and generator
+        assert torch.isfinite(state[name]).all(), name
+        assert not torch.equal(state[name], before), f"{name} was not updated"
 
 
 @pytest.mark.slow
 def test_accelerate_example_two_processes(tmp_path: Path) -> None:
-    """Under torchrun with two CPU processes the parameters stay identical without DDP."""
+    """Under torchrun with two CPU processes: DDP, and the parameters stay identical."""
     pytest.importorskip("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -176,8 +238,43 @@ def test_accelerate_example_two_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + str(logs)[-3000:]
     main_log = logs[(0, 0)]  # the main process reports for both
     assert "2 process(es)" in main_log, main_log
+    assert "labeler prepared as DistributedDataParallel" in main_log, main_log
     assert "parameters identical on all 2 process(es)" in main_log, main_log
     assert (tmp_path / "c.pt").is_file()
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+def test_hf_trainer_example_smoke(tmp_path: Path, fresh_accelerate_state, monkeypatch) -> None:
+    """A tiny ViT under ``AuxiliaryTrainer`` with MAXL: every part trained, a loadable model."""
+    transformers = pytest.importorskip("transformers")
+    from auxgen.integrations.hf import LABELER_FILE
+
+    example = load_example("hf_trainer")
+    initial: dict[str, torch.Tensor] = {}
+
+    class Recorded(example.AuxiliaryLabeler):  # keeps a copy of the initial weights
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            initial.update({k: v.detach().clone() for k, v in self.named_parameters()})
+
+    monkeypatch.setattr(example, "AuxiliaryLabeler", Recorded)
+    out = tmp_path / "vit"
+    trainer = example.main(["--smoke", "--task", "maxl", "--output-dir", str(out)])
+    assert trainer.state.global_step == 4  # 16 rows in batches of 8, 2 epochs
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert len(evals) == 3  # after each epoch, and the final evaluate()
+    assert all(0.0 <= h["eval_accuracy"] <= 1.0 and h["eval_loss"] > 0 for h in evals)
+    labeler = trainer.labeler
+    assert any(k.startswith("tasks.0.generator.") for k in initial)
+    for name, p in labeler.named_parameters():  # the ViT, auxiliary head and generator
+        assert torch.isfinite(p).all(), name
+        assert not torch.equal(p.detach(), initial[name]), f"{name} was not updated"
+    # the saved model is a plain ViT that from_pretrained reads; the labeler's state beside it
+    loaded = transformers.ViTForImageClassification.from_pretrained(str(out))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x).logits, labeler.eval()(x))
+    state = torch.load(out / LABELER_FILE, weights_only=False)
+    assert state["gen_optimizer"] is not None and "tasks.0.owner" in state["labeler"]
 
 
 # ------------------------------------------------------------------------------------ text

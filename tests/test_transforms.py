@@ -15,6 +15,8 @@ from auxgen import (
     GeneratedLabels,
     LearnedWeight,
     TransformLabels,
+    colour_permutations,
+    patch_rotations,
     rotations,
 )
 from auxgen.hierarchy import masked_softmax
@@ -439,9 +441,44 @@ def test_default_task_trains_on_non_square_images_and_refuses_non_images() -> No
     emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(4 * N, C))
     lab = AuxiliaryLabeler(emb, tasks=TransformLabels())
     tokens = torch.randint(0, 10, (N, N))
-    with pytest.raises(ValueError, match=r"rotations act on image batches \(N, C, H, W\), got "
-                       r"shape \(6, 6\); .* pass transforms="):  # fmt: skip
+    with pytest.raises(ValueError, match=r"rotations act on image batches \(N, C, H, W\) or \(N, "
+                       r"H, W\) of floats, got shape \(6, 6\) of torch.int64; .* pass "
+                       r"transforms="):  # fmt: skip
         lab(tokens, y)
+
+
+def test_user_transforms_must_act_within_each_sample() -> None:
+    x, y = _batch()
+    mixing = AuxiliaryLabeler(_model(), tasks=TransformLabels([None, lambda t: t.roll(1, 0)]))
+    with pytest.raises(ValueError, match=r"transforms\[1\] \('<lambda>'\) mixes samples: changing "
+                       r"sample 0 of a batch of shape \(6, 3, 4, 4\) \(torch.float64\) changed "
+                       r"output rows \[1\]"):  # fmt: skip
+        mixing(x, y)
+
+    # per-sample transforms pass, random ones included (both calls draw the same numbers)
+    def jitter(t: torch.Tensor) -> torch.Tensor:
+        return t + torch.randn(t.shape[0], 1, 1, 1, dtype=t.dtype)
+
+    fine = [lambda t: t.flip(-1), jitter, *patch_rotations(0.5)[0][1:]]
+    lab = AuxiliaryLabeler(_model(), tasks=TransformLabels([None, *fine]))
+    state = torch.random.get_rng_state()
+    lab(x, y)["loss"].backward()
+    assert lab.tasks[0]._checked == {1, 2, 3, 4, 5}
+    # the check itself leaves the global random stream as it found it: a second labeler
+    # whose transforms were already checked draws the same numbers for the same step
+    torch.random.set_rng_state(state)
+    lab2 = copy.deepcopy(lab)
+    torch.random.set_rng_state(state)
+    out = lab2(x, y)
+    torch.random.set_rng_state(state)
+    lab3 = AuxiliaryLabeler(_model(), tasks=TransformLabels([None, *fine]))
+    lab3.load_state_dict(lab2.state_dict())
+    torch.random.set_rng_state(state)
+    torch.testing.assert_close(lab3(x, y)["loss"], out["loss"])
+    one = AuxiliaryLabeler(_model(), tasks=TransformLabels(*colour_permutations()))
+    with pytest.raises(ValueError, match=r"colour permutations need images \(N, 3, H, W\) with 3 "
+                       r"channels, got shape \(6, 1, 4, 4\)"):  # fmt: skip
+        one(torch.randn(N, 1, 4, 4, dtype=torch.float64), y)
 
 
 @pytest.mark.parametrize("views", ["all", "one"])

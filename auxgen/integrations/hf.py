@@ -80,6 +80,8 @@ class AuxiliaryTrainer(transformers.Trainer):
                 "wrap your model: AuxiliaryLabeler(model, tasks=..., output='logits')"
             )
         self.input_name = input_name
+        if self.args.label_names is None:  # the labeler's forward names no label argument
+            self.label_names = ["labels"]
         self.make_gen_optimizer = gen_optimizer or (
             lambda params: torch.optim.SGD(params, lr=1e-3, weight_decay=5e-4)
         )

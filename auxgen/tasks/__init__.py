@@ -47,9 +47,27 @@ __all__ = [
 def as_task_list(psi: Any, tasks: Any) -> list[AuxiliaryTask]:
     """The labeler's tasks from its ``psi=`` (shorthand for ``GeneratedLabels(psi)``) or
     ``tasks=`` (one task or a sequence of them), checked."""
+    for name, value in (("psi", psi), ("tasks", tasks)):
+        found = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(t, type) and issubclass(t, AuxiliaryTask) for t in found):
+            cls = next(t for t in found if isinstance(t, type)).__name__
+            raise TypeError(
+                f"{name}= got the class {cls}, not a task: call it, tasks={cls}() (or with its "
+                "options)"
+            )
+        if name == "psi" and any(isinstance(t, AuxiliaryTask) for t in found):
+            raise TypeError(
+                f"psi= (the second positional argument) got a task, "
+                f"{type(next(t for t in found if isinstance(t, AuxiliaryTask))).__name__}: "
+                "pass tasks as a keyword, AuxiliaryLabeler(model, tasks=...)"
+            )
     if tasks is None:
         if psi is None:
-            raise ValueError("pass psi= (MAXL's auxiliary classes per class) or tasks=")
+            raise ValueError(
+                "AuxiliaryLabeler needs its auxiliary tasks: pass tasks= (e.g. "
+                "tasks=TransformLabels() for the rotation task) or psi= (shorthand for MAXL's "
+                "tasks=GeneratedLabels(psi))"
+            )
         return [GeneratedLabels(psi)]
     if psi is not None:
         raise ValueError(

@@ -74,11 +74,14 @@ class Rotate:
         self.__name__ = f"rot{90 * self.k}" if patch is None else f"patch{90 * self.k}"
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
+        if x.dim() not in (3, 4) or not x.is_floating_point():
             raise ValueError(
-                f"rotations act on image batches (N, C, H, W), got shape {tuple(x.shape)}; for "
-                "other inputs (token ids, audio, tabular rows) pass transforms= that fit them"
+                f"rotations act on image batches (N, C, H, W) or (N, H, W) of floats, got shape "
+                f"{tuple(x.shape)} of {x.dtype}; for other inputs (token ids, audio, tabular "
+                "rows) pass transforms= that fit them"
             )
+        if x.dim() == 3:  # (N, H, W): one channel
+            return self(x[:, None])[:, 0]
         h, w = x.shape[-2:]
         patch = self.patch if self.patch != "auto" else (None if h == w else 0.5)
         if patch is None:
@@ -161,6 +164,11 @@ class PermuteChannels:
         self.__name__ = "perm" + "".join(map(str, self.order))
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != len(self.order):
+            raise ValueError(
+                f"{self.__name__}: colour permutations need images (N, {len(self.order)}, H, W) "
+                f"with {len(self.order)} channels, got shape {tuple(x.shape)}"
+            )
         return x[:, self.order]
 
     def __repr__(self) -> str:
@@ -285,6 +293,7 @@ class TransformLabels(AuxiliaryTask):
             raise ValueError(f"distill needs every image's views: fraction=1, got {fraction}")
         self.fraction = float(fraction)
         self.num_classes = 0
+        self._checked: set[int] = set()  # transforms checked to act within each sample
 
     def setup(self, ctx: TaskContext) -> None:
         self.num_classes = ctx.num_classes
@@ -324,8 +333,11 @@ class TransformLabels(AuxiliaryTask):
     def _transform(self, i: int, x: Tensor) -> Tensor:
         fn = self.transforms[i]
         assert fn is not None
-        out = fn(x)
         what = f"transforms[{i}] ({self.names[i]!r})"
+        if i not in self._checked and x.shape[0] > 1:
+            _check_within_samples(fn, x, what)
+            self._checked.add(i)
+        out = fn(x)
         if not isinstance(out, Tensor):
             raise TypeError(f"{what} must return a Tensor, got {type(out).__name__}")
         if out.shape != x.shape:
@@ -419,6 +431,35 @@ class TransformLabels(AuxiliaryTask):
         return (
             f"names={self.names}, form={self.form!r}, views={self.views!r}, "
             f"weight={self.weight}, distill={self.distill}, primary_views={self.primary_views}"
+        )
+
+
+def _check_within_samples(fn: Callable[[Tensor], Tensor], x: Tensor, what: str) -> None:
+    """A transform must act on each sample on its own: changing sample 0 of the batch may
+    change row 0 of the output only. Both calls draw the same random numbers (a forked RNG),
+    so random per-sample transforms pass; the global RNG is left as it was."""
+    if not (x.is_floating_point() or x.is_complex()):
+        changed = x.clone()
+        changed[0] = changed[0] + 1  # integer inputs (token ids): another value
+    else:
+        changed = x.clone()
+        changed[0] = changed[0] * 2 + 1
+    devices = [x.device] if x.device.type == "cuda" else []
+    outs = []
+    for batch in (x, changed):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            outs.append(fn(batch))
+    a, b = outs
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape:
+        return  # the shape and type checks of the real call give the message
+    moved = (a[1:] != b[1:]).flatten(1).any(1).nonzero().flatten() + 1
+    if moved.numel():
+        raise ValueError(
+            f"{what} mixes samples: changing sample 0 of a batch of shape {tuple(x.shape)} "
+            f"({x.dtype}) changed output rows {moved[:5].tolist()}; a transform must act on "
+            "each sample on its own. For inputs that are not (N, C, H, W) images, pass "
+            "transforms= that fit your data"
         )
 
 
