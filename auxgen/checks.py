@@ -15,6 +15,7 @@ from .mirror import check_optimizer, is_mirrored
 __all__ = [
     "check_batch",
     "check_grad_enabled",
+    "check_step_options",
     "check_meta_batch",
     "check_choice",
     "check_optimizers",
@@ -34,6 +35,41 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+#: ``nonfinite=`` values of the labeler.
+NONFINITE = ("raise", "skip")
+
+
+def check_step_options(
+    loss: Any,
+    meta: Any,
+    lookahead: Any,
+    nonfinite: Any,
+    meta_every: Any,
+    diagnostics: Any,
+    fd_eps: Any,
+) -> tuple[str, str, str, str, int, bool, Optional[float]]:
+    """The labeler's step options, checked once, at construction (names as its arguments)."""
+    from .losses import LOSSES
+    from .meta import META_MODES
+    from .mirror import LOOKAHEADS
+
+    choices = [
+        check_choice(name, value, allowed)
+        for name, value, allowed in (
+            ("loss", loss, LOSSES),
+            ("meta", meta, META_MODES),
+            ("lookahead", lookahead, LOOKAHEADS),
+            ("nonfinite", nonfinite, NONFINITE),
+        )
+    ]
+    if not isinstance(diagnostics, bool):
+        raise TypeError(f"diagnostics must be a bool, got {type(diagnostics).__name__}")
+    if fd_eps is not None and not (isinstance(fd_eps, float) and fd_eps > 0):
+        raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
+    every = check_positive_int("meta_every", meta_every)
+    return (*choices, every, diagnostics, fd_eps)  # type: ignore[return-value]
 
 
 def check_grad_enabled(what: str) -> None:

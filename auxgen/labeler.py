@@ -20,23 +20,19 @@ from .backbone import (
 from .checkpoint import version2_name
 from .checks import (
     check_batch,
-    check_choice,
     check_grad_enabled,
     check_meta_batch,
     check_optimizers,
-    check_positive_int,
+    check_step_options,
 )
 from .distributed import Ranks, check_sync_batchnorm
 from .loop import loop_state, loss_forward, meta_update, trained_head_parameters
-from .losses import LOSSES
-from .meta import META_MODES, JVPPlan
-from .mirror import LOOKAHEADS
+from .meta import JVPPlan
 from .step import NonFiniteError, Pending, StepParts, kept_buffers, training_step
 from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels, as_task_list
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
 
-NONFINITE = ("raise", "skip")
 Tasks = Union[AuxiliaryTask, Sequence[AuxiliaryTask], None]
 
 
@@ -138,16 +134,11 @@ class AuxiliaryLabeler(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.loss = check_choice("loss", loss, LOSSES)
-        self.meta = check_choice("meta", meta, META_MODES)
-        self.lookahead = check_choice("lookahead", lookahead, LOOKAHEADS)
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
-        if not isinstance(diagnostics, bool):
-            raise TypeError(f"diagnostics must be a bool, got {type(diagnostics).__name__}")
-        self.meta_every = check_positive_int("meta_every", meta_every)
-        if fd_eps is not None and not (isinstance(fd_eps, float) and fd_eps > 0):
-            raise ValueError(f"fd_eps must be a positive float or None, got {fd_eps!r}")
-        self.diagnostics, self.fd_eps, self.focal_gamma = diagnostics, fd_eps, float(focal_gamma)
+        (self.loss, self.meta, self.lookahead, self.nonfinite, self.meta_every,
+         self.diagnostics, self.fd_eps) = check_step_options(
+            loss, meta, lookahead, nonfinite, meta_every, diagnostics, fd_eps
+        )  # fmt: skip
+        self.focal_gamma = float(focal_gamma)
         self._ranks = Ranks(distributed, process_group, buffers)
         self.output = check_output_spec(output)
         task_list = as_task_list(psi, tasks)

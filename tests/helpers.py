@@ -77,24 +77,7 @@ def rank_logs(log_dir) -> dict[tuple[int, int], str]:
 def fake_cifar100(root, n_train: int = 400, n_test: int = 100, shuffle: bool = False):
     """A tiny dataset in CIFAR-100's on-disk format (random pixels, valid labels): fine
     labels ``0..99`` in turn (in a random order with ``shuffle``); returns ``root``."""
-    import pickle
-    from pathlib import Path
+    from auxgen.experiments.cifar import write_fake_cifar100
 
-    import numpy as np
-
-    from auxgen.experiments.hierarchies import CIFAR100_FINE_TO_COARSE
-
-    folder = Path(root) / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = np.arange(n) % 100
-        fine = rng.permutation(fine) if shuffle else fine
-        batch = {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "fine_labels": fine.tolist(),
-            "coarse_labels": [CIFAR100_FINE_TO_COARSE[f] for f in fine],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+    write_fake_cifar100(root, n_train, n_test, shuffle)
     return root

@@ -111,7 +111,7 @@ def test_rooms_stay_small() -> None:
     for path in sorted((ROOT / "auxgen").rglob("*.py")):
         lines = path.read_text().count("\n")
         name = path.relative_to(ROOT).as_posix()
-        harness = "experiments" in path.parts or path.name == "cli.py"
+        harness = "experiments" in path.parts or path.name in ("cli.py", "cli_parser.py")
         limit = 525 if path.name == "labeler.py" else 560 if harness else 600
         assert lines <= limit, f"{name}: {lines} lines (limit {limit})"
         for fn, length in _function_lengths(path).items():

@@ -40,6 +40,7 @@ __all__ = [
     "CIFAR10Dataset",
     "load_cifar100",
     "load_cifar10",
+    "write_fake_cifar100",
 ]
 
 logger = logging.getLogger(__name__)
@@ -362,3 +363,36 @@ def load_cifar10(data_dir: PathLike, train: bool, download: bool = False) -> tup
     """
     ds = CIFAR10Dataset(as_root(data_dir), train=train, download=download)
     return torch.from_numpy(ds.images), torch.from_numpy(ds.labels)
+
+
+def write_fake_cifar100(
+    root: PathLike, n_train: int = 400, n_test: int = 100, shuffle: bool = False
+) -> Path:
+    """Write a tiny dataset in CIFAR-100's on-disk format: random pixels, valid labels.
+
+    Fine labels are ``0..99`` in turn (in a random order with ``shuffle``) with their true
+    superclasses, so every reader check passes; for smoke runs and tests without the data.
+
+    Returns:
+        ``root``, which now holds ``cifar-100-python/{train,test}``.
+
+    Example:
+        >>> import tempfile
+        >>> root = write_fake_cifar100(tempfile.mkdtemp(), n_train=100, n_test=100)
+        >>> sorted(p.name for p in (root / "cifar-100-python").iterdir())
+        ['test', 'train']
+    """
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = np.arange(n) % 100
+        fine = rng.permutation(fine) if shuffle else fine
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": fine.tolist(),
+            "coarse_labels": [CIFAR100_FINE_TO_COARSE[f] for f in fine],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return Path(root)

@@ -276,10 +276,11 @@ class RunConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         ts = self.train_subset
-        if isinstance(ts, float) and not (0.0 < ts < 1.0):
+        count = isinstance(ts, int) and not isinstance(ts, bool) and ts >= 1
+        if not (ts is None or count or (isinstance(ts, float) and 0.0 < ts < 1.0)):
             raise ValueError(
-                f"train_subset must be a positive int (images per fine class) or a fraction "
-                f"in (0, 1), got {ts!r}"
+                f"train_subset must be a positive int (images per fine class), a fraction in "
+                f"(0, 1) or None (the whole training set), got {ts!r}"
             )
         for name, hi in (("val_fraction", 0.9), ("meta_fraction", 0.9), ("aux_label_noise", 1)):
             v = getattr(self, name)
@@ -296,12 +297,7 @@ class RunConfig:
             )
         if self.meta_source == "heldout" and self.meta_fraction <= 0:
             raise ValueError("meta_source='heldout' needs meta_fraction > 0, got 0")
-        for name in (
-            "test_limit",
-            "eval_subset",
-            "threads",
-            *(() if isinstance(ts, float) else ("train_subset",)),
-        ):
+        for name in ("test_limit", "eval_subset", "threads"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")

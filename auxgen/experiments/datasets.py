@@ -259,8 +259,35 @@ _LOADERS: dict[str, Callable[[RunConfig, tuple[int, ...], Optional[Tensor]], Dat
 }
 
 
+def _check_subset(fine: Tensor, cfg: RunConfig) -> None:
+    """Refuse a ``train_subset`` count that some fine class of the training set cannot give.
+
+    A count above the smallest fine class would silently give that class fewer images than
+    asked for (and a count above the largest, the whole training set). ``smoke`` runs take
+    *at most* 4 images per class, so they are not checked.
+
+    Raises:
+        ValueError: naming ``train_subset``, the most it can be and the count given.
+    """
+    per_class = cfg.train_subset
+    if not isinstance(per_class, int) or cfg.smoke:
+        return
+    smallest = int(torch.unique(fine, return_counts=True)[1].min()) if fine.numel() else 0
+    if per_class > smallest:
+        raise ValueError(
+            f"train_subset must be at most {smallest} images per fine class (the smallest fine "
+            f"class of the {cfg.dataset} training set has {smallest}), a fraction in (0, 1) or "
+            f"the whole training set, got {per_class}"
+        )
+
+
 def _split(data: Data, cfg: RunConfig) -> None:
-    """Take the training subset, carve the validation and meta splits, limit the test set."""
+    """Take the training subset, carve the validation and meta splits, limit the test set.
+
+    Raises:
+        ValueError: ``train_subset`` asks for more images per fine class than there are.
+    """
+    _check_subset(data.fine_train, cfg)
     keep = _subset_indices(data.fine_train, cfg.train_subset, cfg.data_seed)
     if keep.numel() != data.x_train.shape[0]:
         data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
@@ -297,7 +324,8 @@ def load_data(config: RunConfig) -> Data:
 
     Raises:
         FileNotFoundError: CIFAR files are missing (and ``download`` is off).
-        ValueError: malformed files, or levels / ``psi`` that do not fit the dataset.
+        ValueError: malformed files, levels / ``psi`` that do not fit the dataset, or a
+            ``train_subset`` count above the images of the smallest fine class.
     """
     cfg = config
     psi, table = resolve_task(cfg)

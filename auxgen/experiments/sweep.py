@@ -29,6 +29,11 @@ __all__ = ["run_sweep", "run_demo", "summarize", "format_table", "markdown_table
 DEMO_METHODS: tuple[str, ...] = (
     "single", "human", "random", "kmeans", "maxl", "transform", "transform-joint",
 )  # fmt: skip
+#: The demo's default budget: seeds, epochs per run and training images per digit (the
+#: defaults of :func:`run_demo` and of ``auxgen demo``).
+DEMO_SEEDS = 3
+DEMO_EPOCHS = 30
+DEMO_TRAIN_SUBSET = 10
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -174,12 +179,19 @@ def run_sweep(
 
     Returns:
         ``{"summary": rows, "runs": [results, ...], "config": base, "methods", "seeds"}``.
+
+    Raises:
+        ValueError: no method or no seed, a method or seed given twice, a config that does
+            not validate, or (when the data is loaded) a ``train_subset`` count above the
+            images of the smallest fine class.
     """
     variants = [base.with_method(m) for m in methods]
     if not variants:
         raise ValueError("give at least one method")
     if not seeds:
         raise ValueError("give at least one seed")
+    if len(set(seeds)) != len(seeds):  # a repeated seed would count one run twice
+        raise ValueError(f"seeds must differ, got {[int(s) for s in seeds]}")
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods repeat: {labels}")
@@ -273,10 +285,10 @@ def _plot_maxl(runs: Sequence[dict[str, Any]], out: Path) -> None:
 
 def run_demo(
     out_dir: PathLike = "runs/demo",
-    seeds: int = 3,
+    seeds: int = DEMO_SEEDS,
     smoke: bool = False,
-    epochs: int = 30,
-    train_subset: Optional[int] = 10,
+    epochs: int = DEMO_EPOCHS,
+    train_subset: Optional[int] = DEMO_TRAIN_SUBSET,
     methods: Sequence[str] = DEMO_METHODS,
     threads: Optional[int] = None,
     progress: bool = True,
@@ -286,7 +298,7 @@ def run_demo(
     Primary task: ``digit >= 5`` (2 classes); ``psi = (5, 5)``; the human auxiliary task is
     the digit itself. The default budget (3 seeds, 30 epochs on 10 training images per digit,
     the :class:`SmallCNN` of width 32), a small-data regime where auxiliary tasks regularise,
-    runs in about two minutes on two shared CPU cores. Writes what
+    runs in about 1 to 2 minutes on two CPU cores. Writes what
     :func:`run_sweep` writes, including, for MAXL, ``maxl-copy_aux_spread.png`` (how the test
     samples of each primary class spread over its generated auxiliary classes, against the
     true digits) and ``maxl-copy_aux_examples.png`` (test images per generated auxiliary
@@ -297,7 +309,8 @@ def run_demo(
         seeds: number of seeds (0 .. seeds-1).
         smoke: a seconds-long run (1 epoch, 4 images per digit).
         epochs: epochs per run.
-        train_subset: training images per digit (``None``: all 1257).
+        train_subset: training images per digit, at most 122 (the rarest digit's training
+            images; more raises ``ValueError``), or ``None``: all 1257.
         methods: the methods to compare.
         threads: torch threads.
         progress: show progress bars.
