@@ -156,6 +156,7 @@ def test_errors_name_the_argument() -> None:
         GeneratedCellLabels(0)
     with pytest.raises(ValueError, match="generator must be one of"):
         GeneratedCellLabels(2, generator="mlp")
+
     def transpose(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(-2, -1)
 

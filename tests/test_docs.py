@@ -41,7 +41,11 @@ def test_docs_build_strict_with_api_reference(tmp_path: Path) -> None:
     assert "NonFiniteError" in api and "SUPPORTED_OPTIMIZERS" in api
     assert "&gt;&gt;&gt;" in api and "Example:" not in api  # doctests rendered as code
     for page in (
-        "timm_train", "lightning_module", "accelerate_train", "hf_trainer", "text_classifier",
+        "timm_train",
+        "lightning_module",
+        "accelerate_train",
+        "hf_trainer",
+        "text_classifier",
     ):
         assert (tmp_path / "site" / "examples" / page / "index.html").is_file(), page
 
