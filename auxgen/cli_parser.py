@@ -372,6 +372,13 @@ def _add_model_options(g: Any) -> None:
         "--backbone", default=D.backbone, help="cnn, mlp, a timm or torchvision:NAME model"
     )
     g.add_argument("--width", type=_positive_int, default=D.width, help="width of the cnn backbone")
+    g.add_argument(
+        "--init",
+        default=D.init,
+        metavar="CHECKPOINT",
+        help="start the backbone from this run checkpoint or state_dict, all but its "
+        "classifier (default: untrained)",
+    )
     g.add_argument("--epochs", type=_positive_int, default=D.epochs, help="epochs per run")
     g.add_argument("--batch-size", type=_batch_size, default=D.batch_size, help="batch size")
     g.add_argument("--lr", type=_positive_float, default=D.lr, help="(peak) learning rate")

@@ -151,6 +151,30 @@ for _epochs in (120, 240, 480):
         ["single", "transform", "transform-one"],
     )
 
+# Fine-tuning (docs/results.md, "Fine-tuning a pre-trained backbone"): pre-train on every
+# training image of CIFAR-100's fine classes 0-49 (cifar50a, one seed, made once), then
+# fine-tune on 5% of the other 50 classes (cifar50b) from those weights (--init), at 30
+# epochs and, for single-task, at the rotation task's compute (60 and 120 epochs).
+PRETRAINED = "runs/lowdata/pre_{}/single/seed0/checkpoint.pt"
+for _net, _backbone in (("cnn", CNN), ("r20", ["--backbone", "cifar_resnet20"])):
+    REGIMES[f"pre_{_net}"] = (
+        ["--dataset", "cifar50a", "--train-subset", "all", "--val-fraction", "0",
+         "--epochs", "30", *_backbone, *AUG],
+        ["single"],
+    )  # fmt: skip
+    _ft = ["--dataset", "cifar50b", *_backbone, *AUG, "--init", PRETRAINED.format(_net)]
+    REGIMES[f"ft_{_net}"] = (
+        [*_ft, "--epochs", "30"], ["single", "transform", "transform-onehalf"]
+    )
+    for _epochs in (60, 120):
+        REGIMES[f"ft_{_net}_e{_epochs}"] = ([*_ft, "--epochs", str(_epochs)], ["single"])
+# The MNIST / Fashion-MNIST regimes with the small CNN instead of the MLP.
+for _name, _dataset in (("mnist5_cnn", "mnist"), ("fmnist5_cnn", "fashionmnist")):
+    REGIMES[_name] = (
+        ["--dataset", _dataset, "--epochs", "20", *CNN],
+        ["single", "transform", "transform-onehalf"],
+    )
+
 
 def _run(args: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)

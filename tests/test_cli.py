@@ -327,6 +327,7 @@ RUN_NONE_DEFAULTS = {
     "--out": "runs/<dataset>",
     "--threads": "torch's",
     "--resume": "resume when one exists",
+    "--init": "untrained",
 }
 
 

@@ -295,3 +295,43 @@ def test_batchaug_trains_on_augmented_copies_of_each_image() -> None:
         ValueError, match=r"method 'batchaug' trains on augmented copies .*--augment"
     ):
         dataclasses.replace(TINY, method="batchaug").validate()
+
+
+@pytest.mark.filterwarnings("ignore::auxgen.experiments.cifar.ChecksumWarning")
+def test_cifar_halves_pretrain_then_fine_tune_from_the_checkpoint(tmp_path: Path) -> None:
+    """cifar50a / cifar50b are CIFAR-100's fine classes 0-49 / 50-99 as 50-class tasks;
+    ``init`` starts a run from another run's backbone, all but the classifier."""
+    from helpers import fake_cifar100
+
+    from auxgen.experiments.models import load_backbone
+
+    data_dir = str(fake_cifar100(tmp_path / "data", n_train=200, n_test=100))
+    base = dataclasses.replace(
+        TINY, dataset="cifar50a", data_dir=data_dir, train_subset=None, test_limit=None,
+        method="single", backbone="cifar_resnet20",
+    )  # fmt: skip
+    a = load_data(base)
+    assert a.num_classes == 50 and set(a.y_train.tolist()) == set(range(50))
+    assert torch.equal(a.y_train, a.fine_train)  # labels are the fine classes 0-49
+    b = load_data(dataclasses.replace(base, dataset="cifar50b"))
+    assert set(b.y_train.tolist()) == set(range(50)) and int(b.x_train.shape[0]) == 100
+    pre = train(dataclasses.replace(base, out_dir=str(tmp_path / "pre")))
+    assert pre["num_train"] == 100
+    ckpt = tmp_path / "pre" / "checkpoint.pt"
+    tuned = dataclasses.replace(base, dataset="cifar50b", init=str(ckpt), epochs=1)
+    model = build_model("cifar_resnet20", 3, 50, 32)
+    fresh_fc = model.fc.weight.detach().clone()
+    n = load_backbone(model, str(ckpt))
+    saved = torch.load(ckpt, weights_only=False)["labeler"]
+    assert n == len([k for k in model.state_dict() if not k.startswith("fc.")])
+    torch.testing.assert_close(model.stem[0].weight, saved["model.stem.0.weight"])
+    assert torch.equal(model.fc.weight, fresh_fc)  # the classifier stays fresh
+    res = train(tuned)
+    assert res["config"]["init"] == str(ckpt) and 0.0 <= res["final_test_accuracy"] <= 1.0
+    with pytest.raises(FileNotFoundError, match=r"init='nope.pt': no such checkpoint file"):
+        load_backbone(model, "nope.pt")
+    torch.save({"other.weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"none of its tensors fits the backbone"):
+        load_backbone(model, str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match=r"method 'human' needs a class hierarchy; cifar50b"):
+        check_config(dataclasses.replace(tuned, method="human"))

@@ -74,7 +74,12 @@ TRANSFORM_VARIANTS: tuple[str, ...] = (
     "both", "joint", "predict", "one", "sd", "pviews", "maxl", "cells", "autol", "onehalf",
     "sixth", "patch",
 )  # fmt: skip
-DATASETS: tuple[str, ...] = ("digits", "cifar100", "cifar10", "mnist", "fashionmnist")
+DATASETS: tuple[str, ...] = (
+    "digits", "cifar100", "cifar10", "mnist", "fashionmnist", "cifar50a", "cifar50b",
+)  # fmt: skip
+#: ``cifar50a`` / ``cifar50b``: CIFAR-100's fine classes 0-49 / 50-99 as 50-class tasks (no
+#: hierarchy; ``psi`` 5 per class by default): pre-train on one half, fine-tune on the other.
+CIFAR_HALVES: dict[str, int] = {"cifar50a": 0, "cifar50b": 50}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
 #: The meta-gradient modes a run offers: those of :data:`auxgen.meta.META_MODES` that choose
@@ -86,7 +91,8 @@ META_SOURCES: tuple[str, ...] = ("train", "next", "heldout")
 #: Backbones defined here; anything else is looked up in timm, then torchvision.
 #: ``cifar_resnet18``: torchvision's ResNet-18 with a CIFAR stem (a 3x3 first convolution of
 #: stride 1 and no max-pool), as AuxiLearn and most CIFAR papers train it.
-BUILTIN_BACKBONES: tuple[str, ...] = ("cnn", "mlp", "cifar_resnet18")
+#: ``cifar_resnet20``: He et al.'s CIFAR ResNet-20 (16-32-64 channels, 0.27M parameters).
+BUILTIN_BACKBONES: tuple[str, ...] = ("cnn", "mlp", "cifar_resnet18", "cifar_resnet20")
 
 
 @dataclass
@@ -94,7 +100,8 @@ class RunConfig:
     """Everything that defines one training run.
 
     Attributes:
-        dataset: ``"digits"``, ``"cifar100"``, ``"cifar10"``, ``"mnist"`` (primary: digit
+        dataset: ``"digits"``, ``"cifar100"``, ``"cifar10"``, ``"cifar50a"`` / ``"cifar50b"``
+            (CIFAR-100's fine classes 0-49 / 50-99, 50 classes each), ``"mnist"`` (primary: digit
             >= 5, human aux: the digit) or ``"fashionmnist"`` (primary: tops / trousers and
             dresses / footwear / bags, human aux: the 10 classes; see
             :data:`auxgen.experiments.hierarchies.FASHION_PRIMARY`).
@@ -107,6 +114,9 @@ class RunConfig:
             (``"resnet18"``,
             ``"timm:NAME"``) or a torchvision one (``"torchvision:NAME"``); created untrained.
         width: base width of the ``cnn`` backbone; hidden units of the ``mlp``.
+        init: a checkpoint whose model weights start the backbone (a run's
+            ``checkpoint.pt`` or a ``state_dict``): every tensor whose name and shape fit is
+            loaded, the classifier stays freshly initialised (fine-tuning); ``None``: untrained.
         primary_level: CIFAR-100: number of primary classes, one of 3, 10, 20 (default 20)
             or 100 (the fine classes as the primary task: no human task, ``psi`` default 5);
             digits: 2; CIFAR-10: 10.
@@ -187,6 +197,7 @@ class RunConfig:
     transform: str = "both"
     backbone: str = "cnn"
     width: int = 32
+    init: Optional[str] = None
     primary_level: Optional[int] = None
     aux_level: Optional[int] = None
     psi: Optional[Union[int, tuple[int, ...]]] = None
@@ -462,19 +473,20 @@ def resolve_task(cfg: RunConfig) -> tuple[tuple[int, ...], Optional[tuple[int, .
             )
         psi_h, table = grouping_psi(groups)
         psi = psi_h if cfg.psi is None else _normalise_psi(cfg.psi, k, name)
-    else:  # cifar10
-        if cfg.primary_level not in (None, 10):
+    else:  # cifar10 and the CIFAR-100 halves: flat tasks, no hierarchy
+        name, k = ("CIFAR-10", 10) if cfg.dataset == "cifar10" else (cfg.dataset, 50)
+        if cfg.primary_level not in (None, k):
             raise ValueError(
-                f"CIFAR-10 has 10 primary classes, got primary_level={cfg.primary_level}"
+                f"{name} has {k} primary classes, got primary_level={cfg.primary_level}"
             )
         if cfg.aux_level is not None:
-            raise ValueError("CIFAR-10 has no class hierarchy: set psi instead of aux_level")
+            raise ValueError(f"{name} has no class hierarchy: set psi instead of aux_level")
         psi_h, table = None, None
-        psi = _normalise_psi(5 if cfg.psi is None else cfg.psi, 10, "CIFAR-10")
+        psi = _normalise_psi(5 if cfg.psi is None else cfg.psi, k, name)
     human = table if psi == psi_h else None
     if cfg.method == "human" and human is None:
-        if cfg.dataset == "cifar10":
-            raise ValueError("method 'human' needs a class hierarchy; CIFAR-10 has none")
+        if cfg.dataset in ("cifar10", *CIFAR_HALVES):
+            raise ValueError(f"method 'human' needs a class hierarchy; {cfg.dataset} has none")
         if psi_h is None:
             raise ValueError(
                 "method 'human' needs a finer level of the hierarchy; CIFAR-100's 100 fine "

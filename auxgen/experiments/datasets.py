@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import RunConfig, resolve_task
+from .config import CIFAR_HALVES, RunConfig, resolve_task
 from .hierarchies import (
     CIFAR10_CLASSES,
     CIFAR100_FINE_NAMES,
@@ -249,11 +249,38 @@ def _cifar10(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> D
     )
 
 
+def _cifar_half(cfg: RunConfig, psi: tuple[int, ...], human: Optional[Tensor]) -> Data:
+    """Half of CIFAR-100's fine classes as a 50-class task (labels ``fine - first``)."""
+    from .cifar import load_cifar100
+
+    first = CIFAR_HALVES[cfg.dataset]
+
+    def half(split: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, fine, _ = split
+        keep = (fine >= first) & (fine < first + 50)
+        return x[keep], fine[keep] - first
+
+    return _from_fine(
+        half(load_cifar100(cfg.data_dir, train=True, download=cfg.download)),
+        half(load_cifar100(cfg.data_dir, train=False, download=cfg.download)),
+        lambda labels: labels,
+        psi=psi,
+        human_aux=None,
+        class_names=CIFAR100_FINE_NAMES[first : first + 50],
+        fine_names=CIFAR100_FINE_NAMES[first : first + 50],
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
+        has_hierarchy=False,
+    )
+
+
 #: The loader of each dataset name of :data:`auxgen.experiments.config.DATASETS`.
 _LOADERS: dict[str, Callable[[RunConfig, tuple[int, ...], Optional[Tensor]], Data]] = {
     "digits": _digits,
     "cifar100": _cifar100,
     "cifar10": _cifar10,
+    "cifar50a": _cifar_half,
+    "cifar50b": _cifar_half,
     "mnist": _grey,
     "fashionmnist": _grey,
 }

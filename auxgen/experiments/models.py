@@ -6,13 +6,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .config import BUILTIN_BACKBONES
 
-__all__ = ["SmallCNN", "MLP", "cifar_resnet18", "check_backbone", "build_model"]
+__all__ = [
+    "SmallCNN", "MLP", "cifar_resnet18", "cifar_resnet20", "check_backbone", "build_model",
+    "load_backbone",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 
 class SmallCNN(nn.Module):
@@ -109,6 +117,101 @@ def cifar_resnet18(in_channels: int, num_classes: int) -> nn.Module:
     return net
 
 
+class _Block(nn.Module):
+    """A CIFAR ResNet's basic block (two 3x3 conv-BN, identity or 1x1 shortcut)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (ResNet-20: 3 stages of 3 blocks, 16-32-64 channels).
+
+    Small (0.27M parameters, about 41 MFLOPs a 32x32 image) and a real residual network:
+    the ResNet of the CPU's fine-tuning runs. Global pooling and a linear classifier ``fc``.
+
+    Example:
+        >>> net = CifarResNet(3, 10)
+        >>> net(torch.zeros(2, 3, 32, 32)).shape, sum(p.numel() for p in net.parameters())
+        (torch.Size([2, 10]), 272474)
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(True)
+        )
+        layers: list[nn.Module] = []
+        c = 16
+        for i, w in enumerate((16, 32, 64)):
+            for j in range(blocks):
+                layers.append(_Block(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
+
+
+def cifar_resnet20(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-20 for CIFAR (:class:`CifarResNet` with 3 blocks a stage)."""
+    return CifarResNet(in_channels, num_classes, blocks=3)
+
+
+def load_backbone(model: nn.Module, path: str) -> int:
+    """Start ``model`` from the weights of a checkpoint, all but its classifier.
+
+    Args:
+        model: the freshly built backbone.
+        path: an ``auxgen run`` checkpoint (its labeler's ``model.*`` tensors are used) or
+            a plain ``state_dict``.
+
+    Returns:
+        the number of tensors loaded (every one whose name and shape fit, except the
+        classifier's, which stays as initialised).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: no tensor of it fits the backbone.
+    """
+    from ..backbone import find_classifier
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init={path!r}: no such checkpoint file")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "labeler" in state:
+        state = {k[6:]: v for k, v in state["labeler"].items() if k.startswith("model.")}
+    head, _ = find_classifier(model)
+    own = model.state_dict()
+    usable = {
+        k: v
+        for k, v in state.items()
+        if k in own and not k.startswith(head + ".") and getattr(v, "shape", None) == own[k].shape
+    }
+    if not usable:
+        raise ValueError(f"init={path!r}: none of its tensors fits the backbone")
+    model.load_state_dict(usable, strict=False)
+    fresh = sorted(k for k in own if k not in usable)
+    logger.info("init: %d tensors from %s; freshly initialised: %s", len(usable), path, fresh)
+    return len(usable)
+
+
 def _backbone_source(name: str) -> tuple[str, str]:
     """``(source, model_name)`` with source in cnn / timm / torchvision; raises if unknown."""
     if not isinstance(name, str) or not name:
@@ -181,6 +284,8 @@ def build_model(
         return SmallCNN(in_channels, num_classes, widths=widths)
     if source == "cifar_resnet18":
         return cifar_resnet18(in_channels, num_classes)
+    if source == "cifar_resnet20":
+        return cifar_resnet20(in_channels, num_classes)
     if source == "timm":
         import timm
 

@@ -39,7 +39,7 @@ from .batches import epoch_batches, prepare, steps_per_epoch
 from .config import RunConfig
 from .datasets import Data, load_data
 from .evaluation import aux_analysis, evaluate, evaluate_aggregated
-from .models import build_model, check_backbone
+from .models import build_model, check_backbone, load_backbone
 from .runtime import resolve_device, seed_everything, world_and_rank, write_json
 
 __all__ = ["train"]
@@ -214,6 +214,8 @@ def _build(cfg: RunConfig, device: torch.device) -> _Run:
     seed_everything(cfg.seed)
     c, h, _ = data.image_shape
     model = build_model(cfg.backbone, c, data.num_classes, h, cfg.width)
+    if cfg.init is not None:
+        load_backbone(model, cfg.init)
     labeler = AuxiliaryLabeler(
         model,
         tasks=_tasks(cfg, data),
