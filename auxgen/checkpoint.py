@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -218,11 +219,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
             )
 
 
-def version2_name(name: str) -> Optional[str]:
-    """A state-dict key of version 1 (one head, MAXL's generator on the labeler) renamed."""
-    if name == "owner":
-        return "tasks.0.owner"
+def current_name(name: str) -> Optional[str]:
+    """A labeler state-dict key of an earlier layout renamed to today's (``None``: current).
+
+    Version 1 held one head and MAXL's generator on the labeler (``aux_head.*``,
+    ``generator.*``, ``owner``); version 2 the heads on the labeler (``aux_heads.<i>.*``) and
+    an Auto-lambda weight as a wrapper of its task (``tasks.<i>.log_weight``,
+    ``tasks.<i>.task.*``); today each task owns its head and its weight.
+
+    Example:
+        >>> current_name("aux_head.weight"), current_name("aux_heads.1.bias")
+        ('tasks.0.head.weight', 'tasks.1.head.bias')
+        >>> current_name("tasks.0.log_weight"), current_name("tasks.2.head.weight") is None
+        ('tasks.0.loss_weight.log_weight', True)
+    """
+    renamed = name
+    if renamed == "owner":
+        renamed = "tasks.0.owner"
     for old, new in (("aux_head.", "aux_heads.0."), ("generator.", "tasks.0.generator.")):
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return None
+        if renamed.startswith(old):
+            renamed = new + renamed[len(old) :]
+    match = re.match(r"aux_heads\.(\d+)\.(.*)", renamed)
+    if match:
+        renamed = f"tasks.{match[1]}.head.{match[2]}"
+    match = re.match(r"tasks\.(\d+)\.(log_weight|task\.(.*))$", renamed)
+    if match:
+        rest = "loss_weight.log_weight" if match[2] == "log_weight" else match[3]
+        renamed = f"tasks.{match[1]}.{rest}"
+    return None if renamed == name else renamed

@@ -17,7 +17,7 @@ from .backbone import (
     find_classifier,
     num_classes_of,
 )
-from .checkpoint import version2_name
+from .checkpoint import current_name
 from .checks import (
     check_batch,
     check_grad_enabled,
@@ -27,8 +27,9 @@ from .checks import (
 )
 from .distributed import Ranks, check_sync_batchnorm
 from .loop import loop_state, loss_forward, meta_update, trained_head_parameters
+from .losses import Criterion
 from .meta import JVPPlan
-from .step import NonFiniteError, Pending, StepParts, kept_buffers, training_step
+from .step import Batch, NonFiniteError, Pending, StepParts, kept_buffers, training_step
 from .tasks import AuxiliaryTask, GeneratedLabels, TaskContext, TransformLabels, as_task_list
 
 __all__ = ["AuxiliaryLabeler", "NonFiniteError"]
@@ -107,7 +108,10 @@ class AuxiliaryLabeler(nn.Module):
         True
     """
 
-    _version = 2  # 1: one head and MAXL's generator on the labeler (aux_head.*, generator.*)
+    # 1: one head and MAXL's generator on the labeler (aux_head.*, generator.*); 2: the heads
+    # on the labeler (aux_heads.*) and a LearnedWeight wrapping its task; 3: each task owns
+    # its head and its weight (tasks.<i>.head.*, tasks.<i>.loss_weight.*)
+    _version = 3
 
     def __init__(
         self,
@@ -156,14 +160,16 @@ class AuxiliaryLabeler(nn.Module):
             self._locator, factory,
         )  # fmt: skip
         for task in task_list:
-            task.setup(ctx)
+            task.attach(ctx)  # its setup, its outputs and its head
         self.model = model
         self.tasks = nn.ModuleList(task_list)
-        self.aux_heads = nn.ModuleList(
-            nn.Linear(self.feature_dim, t.num_outputs, **factory) for t in task_list
-        )
         self._tap = FeatureTap(cls_module, self.classifier_name, self.feature_dim, self._locator)
         self._jvp = JVPPlan(meta)
+        self._step_parts = StepParts(
+            model, self._tap, tuple(task_list), self._locator,
+            Criterion(self.loss, self.focal_gamma), self._jvp, self._ranks, self.classifier_name,
+            self.fd_eps, self.nonfinite, self.diagnostics,
+        )  # fmt: skip
         self._approximated: set[type] = set()
         self._steps = 0
         self._synced = False
@@ -179,11 +185,16 @@ class AuxiliaryLabeler(nn.Module):
         return found
 
     @property
+    def aux_heads(self) -> nn.ModuleList:
+        """The tasks' auxiliary heads, in task order (each task owns its head)."""
+        return nn.ModuleList(task.head for task in self.tasks)
+
+    @property
     def aux_head(self) -> nn.Linear:
         """The first task's auxiliary head."""
-        if len(self.aux_heads) == 0:
+        if len(self.tasks) == 0:
             raise AttributeError("the labeler has no auxiliary task, so no auxiliary head")
-        return self.aux_heads[0]  # type: ignore[return-value]
+        return self.tasks[0].head  # type: ignore[return-value]
 
     @property
     def generator(self) -> nn.Module:
@@ -204,7 +215,7 @@ class AuxiliaryLabeler(nn.Module):
     # --------------------------------------------------------------- parameters
     def model_parameters(self) -> list[nn.Parameter]:
         """Parameters of the multi-task network: the model and the auxiliary heads."""
-        return list(self.model.parameters()) + list(self.aux_heads.parameters())
+        return [*self.model.parameters(), *(p for t in self.tasks for p in t.head.parameters())]
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the meta-gradient (MAXL's label-generation network)."""
@@ -356,10 +367,8 @@ class AuxiliaryLabeler(nn.Module):
         Buffers (BatchNorm statistics) are left as they were, whatever the mode.
         """
         task = self._first("TransformLabels (joint head)", _is(TransformLabels, joint=True))
-        head = self.aux_heads[list(self.tasks).index(task)]
-        inner = getattr(task, "task", task)  # a LearnedWeight's task
         with kept_buffers(self):
-            return inner.aggregated_log_probs(lambda v: self.features(v)[1], head, x)
+            return task.aggregated_log_probs(lambda v: self.features(v)[1], x)
 
     # -------------------------------------------------------------------- step
     def step(
@@ -426,21 +435,18 @@ class AuxiliaryLabeler(nn.Module):
         check_sync_batchnorm(self, x)
         if not self._synced and self._ranks.world() > 1:
             self.broadcast_state()
+        batch = Batch(x, y, aux_target, meta_xy)
         out = training_step(
-            self._parts(), self, x, y, optimizer, gen_optimizer if do_meta else None,
-            aux_target=aux_target, meta_batch=meta_xy, do_meta=do_meta,
-        )  # fmt: skip
+            self._step_parts, self, batch, optimizer, gen_optimizer if do_meta else None, do_meta
+        )
         if not out["skipped"]:
             self._steps += 1
             self.sync_buffers()
         return out
 
     def _parts(self) -> StepParts:
-        return StepParts(
-            self.model, self._tap, list(self.tasks), list(self.aux_heads), self._locator,
-            self.loss, self.focal_gamma, self._jvp, self._ranks, self.classifier_name,
-            self.fd_eps, self.nonfinite, self.diagnostics,
-        )  # fmt: skip
+        """What a step needs from the labeler, built once at construction."""
+        return self._step_parts
 
     def _device(self) -> torch.device:
         ref = next(self.parameters(), None)
@@ -486,7 +492,7 @@ class AuxiliaryLabeler(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         for key in [k for k in state_dict if k.startswith(prefix)]:
-            renamed = version2_name(key[len(prefix) :])
+            renamed = current_name(key[len(prefix) :])
             if renamed is not None:
                 state_dict[prefix + renamed] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -499,10 +505,9 @@ class AuxiliaryLabeler(nn.Module):
 
 
 def _is(kind: type, joint: bool = False) -> Any:
-    """A test: the task (or the task a ``LearnedWeight`` wraps) is a ``kind``."""
+    """A test: the task is a ``kind`` (with a joint head, if ``joint``)."""
 
     def test(task: AuxiliaryTask) -> bool:
-        inner = getattr(task, "task", task)
-        return isinstance(inner, kind) and not (joint and inner.form == "predict")
+        return isinstance(task, kind) and not (joint and task.form == "predict")
 
     return test

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .checks import check_meta_batch, check_optimizers
 from .distributed import check_sync_batchnorm
-from .step import NonFiniteError, all_finite, meta_gradient, multitask_loss
+from .step import Batch, NonFiniteError, all_finite, meta_gradient, multitask_loss
 
 if TYPE_CHECKING:
     from .labeler import AuxiliaryLabeler
@@ -166,9 +166,9 @@ def trained_head_parameters(labeler: AuxiliaryLabeler) -> list[nn.Parameter]:
     """The auxiliary heads' trainable parameters of the tasks that are on (weight > 0)."""
     return [
         p
-        for task, head in zip(labeler.tasks, labeler.aux_heads)
+        for task in labeler.tasks
         if task.weight > 0
-        for p in head.parameters()
+        for p in task.head.parameters()
         if p.requires_grad
     ]
 
@@ -196,7 +196,7 @@ def loss_forward(
         and any(t.learned and t.weight > 0 for t in labeler.tasks)
         and labeler._steps % labeler.meta_every == 0
     )
-    result, pending = multitask_loss(labeler._parts(), x, y, aux_target, meta=meta)
+    result, pending = multitask_loss(labeler._parts(), Batch(x, y, aux_target), meta=meta)
     if training:
         labeler._steps += 1
         labeler._pending, labeler._forwarded = pending, True

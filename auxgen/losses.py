@@ -8,11 +8,15 @@ product instead of a double backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "per_class_loss", "primary_loss", "neg_entropy", "mean_entropy"]
+__all__ = [
+    "LOSSES", "Criterion", "per_class_loss", "primary_loss", "neg_entropy", "mean_entropy",
+]  # fmt: skip
 
 LOSSES = ("ce", "focal")
 
@@ -36,6 +40,29 @@ def primary_loss(logits: Tensor, y: Tensor, kind: str = "ce", gamma: float = 2.0
     if kind == "ce":
         return F.cross_entropy(logits, y)
     return per_class_loss(logits, kind, gamma).gather(1, y.unsqueeze(1)).mean()
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """The labeler's loss, chosen once: called on logits ``(R, K)`` it gives the per-class
+    losses ``(R, K)`` a task's loss is made of; :meth:`primary` is the primary loss.
+
+    Example:
+        >>> criterion = Criterion("ce")
+        >>> z = torch.zeros(2, 4)
+        >>> criterion(z).shape, round(float(criterion.primary(z, torch.tensor([0, 1]))), 4)
+        (torch.Size([2, 4]), 1.3863)
+    """
+
+    kind: str = "ce"
+    gamma: float = 2.0
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return per_class_loss(logits, self.kind, self.gamma)
+
+    def primary(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Mean primary loss of the batch (hard labels ``y``)."""
+        return primary_loss(logits, y, self.kind, self.gamma)
 
 
 def neg_entropy(t: Tensor) -> Tensor:

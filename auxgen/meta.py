@@ -33,7 +33,9 @@ AD; where an op has no forward-AD formula, an exact decomposition of it into ops
 one (``embedding_bag``; the fused oneDNN/cuDNN RNN kernels); else the double backward; and
 only where neither exists, ``first_order`` with one warning naming the op. Both exact
 modes run attention with the math kernel of ``scaled_dot_product_attention`` (the fused
-kernels have neither formula).
+kernels have neither formula). These PyTorch workarounds (the kernel choices, the op
+decompositions, and reading which op's formula is missing from PyTorch's errors) live in
+:mod:`auxgen._torch_compat`; this module is the maths.
 
 All modes replay the random number generator of the forward at :math:`\theta`, so dropout
 masks agree, and run on copies of the buffers, so BatchNorm statistics do not move.
@@ -41,19 +43,22 @@ masks agree, and run on copies of the buffers, so BatchNorm statistics do not mo
 
 from __future__ import annotations
 
-import contextlib
-import re
 import warnings
-from collections.abc import Iterator, Sequence
-from types import TracebackType
-from typing import Any, Callable, Optional
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
+from ._torch_compat import (
+    DECOMPOSED_OPS,
+    autocast_settings,
+    double_backward_error,
+    exact_kernels,
+    missing_derivative,
+)
+from ._torch_compat import decomposed_ops as decomposed_ops  # re-exported
 from .mirror import lookahead, sgd_jacobian
 
 __all__ = [
@@ -73,24 +78,6 @@ __all__ = [
 META_MODES = ("second_order", "first_order", "forward_ad", "double_backward")
 #: The exact implementations, in the order ``"second_order"`` tries them.
 EXACT_MODES = ("forward_ad", "double_backward")
-#: Ops without a forward-AD (or double-backward) formula that :func:`decomposed_ops`
-#: replaces by exact compositions of ops that have one (names as PyTorch's errors spell them).
-DECOMPOSED_OPS = frozenset(
-    {
-        "mkldnn_rnn_layer",
-        "mkldnn_rnn_layer_backward",
-        "_cudnn_rnn",
-        "_cudnn_rnn_backward",
-        "miopen_rnn",
-        "miopen_rnn_backward",
-        "_embedding_bag",
-        "_embedding_bag_forward_only",
-        "_embedding_bag_backward",
-        "_embedding_bag_dense_backward",
-        "_embedding_bag_sparse_backward",
-        "_embedding_bag_per_sample_weights_backward",
-    }
-)
 
 
 class RNGState:
@@ -114,12 +101,8 @@ def default_fd_eps(base: Tensor) -> float:
     Under autocast the network runs in bf16/fp16 even when the losses come out in float32,
     so the finite-difference step must be sized for the autocast dtype.
     """
-    dtype, dev = base.dtype, base.device.type
-    try:
-        on, low = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
-    except TypeError:  # torch < 2.4
-        on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
-        low = torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
+    dtype = base.dtype
+    on, low = autocast_settings(base.device.type)
     if on and torch.finfo(low).eps > torch.finfo(dtype).eps:
         dtype = low
     return float(torch.finfo(dtype).eps ** 0.5)
@@ -203,7 +186,7 @@ def directional_derivative(
         fd_eps: relative step of the finite difference; the step is
             ``fd_eps * ||theta|| / ||direction||``. Defaults to ``sqrt(machine eps)``.
         decompose: replace the ops in :data:`DECOMPOSED_OPS` by exact compositions of ops
-            with derivative formulas (exact modes only).
+            with derivative formulas (exact modes only; see :class:`decomposed_ops`).
 
     Raises:
         NotImplementedError: in an exact mode, when an op lacks the derivative formula it
@@ -230,7 +213,7 @@ def _directional_derivative(
     decompose: bool = False,
 ) -> Tensor:
     if mode in ("second_order", "forward_ad"):
-        with _exact_kernels(decompose), torch.no_grad(), fwAD.dual_level():
+        with exact_kernels(decompose), torch.no_grad(), fwAD.dual_level():
             duals = [fwAD.make_dual(t, d) for t, d in zip(thetas, direction)]
             out = loss_matrix_at(duals)
             tangent = fwAD.unpack_dual(out).tangent
@@ -238,7 +221,7 @@ def _directional_derivative(
             return torch.zeros_like(out)
         return tangent
     if mode == "double_backward":
-        with _exact_kernels(decompose):
+        with exact_kernels(decompose):
             return _double_backward_jvp(loss_matrix_at, thetas, direction)
     if mode == "first_order":
         if base is None:
@@ -275,195 +258,12 @@ def _double_backward_jvp(
             if not all(g.requires_grad for g, _ in pairs):
                 raise RuntimeError("a vector-Jacobian product does not require grad")
             (jvp,) = torch.autograd.grad([g for g, _ in pairs], w, [d for _, d in pairs])
-        except RuntimeError as exc:
-            # A backward that autograd cannot differentiate (a custom autograd.Function
-            # whose backward detaches or is @once_differentiable) leaves w out of the graph.
-            names = _custom_functions(out)
-            what = f"the backward of {', '.join(names)}" if names else "a backward"
-            raise NotImplementedError(
-                f"double backward: {what} is not differentiable ({exc})"
-            ) from exc
+        except RuntimeError as exc:  # a backward that autograd cannot differentiate
+            raise double_backward_error(out, exc) from exc
     return jvp.detach()
 
 
-def _custom_functions(out: Tensor, limit: int = 100_000) -> list[str]:
-    """Names of the custom ``autograd.Function`` nodes in ``out``'s graph."""
-    names: list[str] = []
-    seen: set[int] = set()
-    stack = [out.grad_fn]
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            fwd = getattr(type(node), "_forward_cls", None)
-            name = fwd.__name__ if fwd is not None else type(node).__name__
-            if name not in names:
-                names.append(name)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return names
-
-
-try:  # torch >= 2.3
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def _math_attention() -> contextlib.AbstractContextManager[None]:
-        return sdpa_kernel([SDPBackend.MATH])
-
-except ImportError:  # pragma: no cover - older torch: attention keeps its default kernel
-
-    def _math_attention() -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _exact_kernels(decompose: bool) -> Iterator[None]:
-    """Math attention kernel, and the op decompositions when ``decompose``."""
-    with _math_attention(), decomposed_ops() if decompose else contextlib.nullcontext():
-        yield
-
-
-def _embedding_bag(
-    input: Tensor,
-    weight: Tensor,
-    offsets: Optional[Tensor] = None,
-    max_norm: Optional[float] = None,
-    norm_type: float = 2.0,
-    scale_grad_by_freq: bool = False,
-    mode: str = "mean",
-    sparse: bool = False,
-    per_sample_weights: Optional[Tensor] = None,
-    include_last_offset: bool = False,
-    padding_idx: Optional[int] = None,
-) -> Tensor:
-    """``F.embedding_bag`` as ``F.embedding`` plus a masked reduction (same values).
-
-    Bags of a 1-D input are laid out as rows of a padded ``(bags, longest)`` index matrix.
-    ``scale_grad_by_freq`` and ``sparse`` change only how the backward is stored, not the
-    function, so they are ignored; ``max_norm`` (an in-place renormalisation) is not
-    supported here.
-    """
-    if padding_idx is not None and padding_idx < 0:
-        padding_idx += weight.shape[0]
-    psw = per_sample_weights
-    if input.dim() == 2:
-        idx = input
-        valid = torch.ones_like(idx, dtype=torch.bool)
-    else:
-        assert offsets is not None
-        n = input.numel()
-        bags = offsets.numel() - (1 if include_last_offset else 0)
-        starts = offsets[:bags]
-        if include_last_offset:
-            ends = offsets[1 : bags + 1]
-        else:
-            ends = torch.cat([offsets[1:bags], offsets.new_tensor([n])])
-        lengths = ends - starts
-        longest = int(lengths.max()) if bags > 0 else 0
-        steps = torch.arange(longest, device=input.device)
-        valid = steps[None, :] < lengths[:, None]
-        pos = (starts[:, None] + steps[None, :]).clamp(0, max(n - 1, 0))
-        if n == 0:
-            return weight.new_zeros(bags, weight.shape[1])
-        idx = input[pos]
-        if psw is not None:
-            psw = psw[pos]
-    mask = valid if padding_idx is None else valid & (idx != padding_idx)
-    e = F.embedding(idx, weight)
-    m = mask.unsqueeze(-1).to(e.dtype)
-    if mode == "sum":
-        return (e * (m if psw is None else m * psw.unsqueeze(-1).to(e.dtype))).sum(1)
-    if mode == "mean":
-        return (e * m).sum(1) / m.sum(1).clamp(min=1)
-    peak = e.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-    return torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak))
-
-
-_RNNS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-
-
-@contextlib.contextmanager
-def _cell_by_cell_rnns() -> Iterator[None]:
-    """RNN layers without the fused oneDNN/cuDNN kernels: ATen then runs them cell by
-    cell, with ops that have forward-AD and double-backward formulas."""
-    cudnn, mkldnn = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
-    torch.backends.cudnn.enabled = torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = cudnn, mkldnn
-
-
-class decomposed_ops(TorchFunctionMode):  # noqa: N801 - used as a context manager
-    """Within this context, ``F.embedding_bag`` runs as :func:`_embedding_bag`, and RNN
-    layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) cell by cell instead of in a fused
-    oneDNN/cuDNN kernel: the same values, computed by ops that have forward-AD and
-    double-backward formulas."""
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: Optional[dict[str, Any]] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", None)
-        if name in _RNNS and func is getattr(torch._C._VariableFunctions, name, None):
-            with _cell_by_cell_rnns():
-                return func(*args, **kwargs)
-        if func is F.embedding_bag and kwargs.get("max_norm") is None and len(args) <= 3:
-            inp = args[0] if args else kwargs.get("input")
-            if isinstance(inp, Tensor) and not inp.is_nested:
-                return _embedding_bag(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
 # ------------------------------------------------------------------- mode selection
-_FORWARD_AD = re.compile(r"forward AD with (\S+?) that does not support it")
-_DERIVATIVE = re.compile(r"the derivative for '([^']+)' is not implemented")
-
-
-def missing_derivative(exc: BaseException) -> Optional[str]:
-    """The op whose missing derivative formula raised ``exc``, or ``None`` for other errors.
-
-    Example:
-        >>> missing_derivative(NotImplementedError(
-        ...     "Trying to use forward AD with _embedding_bag that does not support it"))
-        '_embedding_bag'
-        >>> missing_derivative(ValueError("shapes do not match")) is None
-        True
-    """
-    if not isinstance(exc, NotImplementedError):
-        return None
-    msg = str(exc)
-    for pattern in (_FORWARD_AD, _DERIVATIVE):
-        found = pattern.search(msg)
-        if found:
-            return found.group(1)
-    if "custom autograd.Function" in msg and "jvp" in msg:
-        name = _function_in_traceback(exc.__traceback__)
-        return f"custom autograd.Function {name}" if name else "a custom autograd.Function"
-    if msg.startswith("double backward:"):
-        return msg[len("double backward: ") :].split(" is not differentiable")[0]
-    return None
-
-
-def _function_in_traceback(tb: Optional[TracebackType]) -> Optional[str]:
-    """The custom ``autograd.Function`` whose (missing) ``jvp`` raised, from the frames of
-    ``Function.apply`` / ``apply_jvp`` on the traceback."""
-    name = None
-    while tb is not None:
-        for local in ("self", "ctx", "cls"):
-            obj = tb.tb_frame.f_locals.get(local)
-            fwd = getattr(obj, "_forward_cls", obj)
-            if isinstance(fwd, type) and issubclass(fwd, torch.autograd.Function):
-                name = fwd.__name__
-        tb = tb.tb_next
-    return name
-
-
 class JVPPlan:
     """How the meta step takes its JVP: chosen at the first meta step, then kept.
 

@@ -47,7 +47,7 @@ paper's own approximation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -62,17 +62,6 @@ __all__ = [
     "sgd_jacobian",
     "sgd_stand_in",
 ]
-
-SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-)
 
 LOOKAHEADS = ("exact", "sgd")
 
@@ -99,24 +88,8 @@ NON_ELEMENTWISE = frozenset(
     }
 )
 
-# most specific first: AdamW subclasses Adam in recent torch
-_KINDS: tuple[tuple[type[torch.optim.Optimizer], str], ...] = (
-    (torch.optim.AdamW, "adamw"),
-    (torch.optim.Adam, "adam"),
-    (torch.optim.SGD, "sgd"),
-    (torch.optim.RMSprop, "rmsprop"),
-    (torch.optim.Adagrad, "adagrad"),
-    (torch.optim.NAdam, "nadam"),
-    (torch.optim.RAdam, "radam"),
-    (torch.optim.Adamax, "adamax"),
-)
-
-
-def _kind(optimizer: torch.optim.Optimizer) -> Optional[str]:
-    for cls, kind in _KINDS:
-        if isinstance(optimizer, cls):
-            return kind
-    return None
+#: One mirrored step of a parameter: ``(optimizer, group, state, theta, g) -> theta_plus``.
+_Update = Callable[[torch.optim.Optimizer, dict, dict, Tensor, Tensor], Tensor]
 
 
 def _name(optimizer: Any) -> str:
@@ -131,7 +104,7 @@ def is_mirrored(optimizer: torch.optim.Optimizer) -> bool:
         >>> is_mirrored(torch.optim.RMSprop([w])), is_mirrored(torch.optim.LBFGS([w]))
         (True, False)
     """
-    return _kind(optimizer) is not None
+    return _update_of(optimizer) is not None
 
 
 def _unsupported(optimizer: torch.optim.Optimizer, argname: str) -> TypeError:
@@ -243,7 +216,7 @@ def _state(st: dict, key: str, theta: Tensor) -> Tensor:
     return torch.zeros_like(theta) if t is None else t
 
 
-def _sgd(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+def _sgd(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, mom = _f(group["lr"]), _f(group["momentum"])
     damp, wd = _f(group["dampening"]), _f(group["weight_decay"])
     d = g + wd * theta if wd != 0 else g
@@ -254,7 +227,7 @@ def _sgd(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     return theta - lr * d
 
 
-def _adam(group: dict, st: dict, theta: Tensor, g: Tensor, decoupled: bool) -> Tensor:
+def _adam_like(group: dict, st: dict, theta: Tensor, g: Tensor, decoupled: bool) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
     b1, b2 = (_f(b) for b in group["betas"])
     step = _f(st["step"]) + 1 if "step" in st else 1.0
@@ -272,7 +245,16 @@ def _adam(group: dict, st: dict, theta: Tensor, g: Tensor, decoupled: bool) -> T
     return theta - (lr / bc1) * (m / denom)
 
 
-def _rmsprop(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+def _adam(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    decoupled = bool(group.get("decoupled_weight_decay", False))
+    return _adam_like(group, st, theta, g, decoupled)
+
+
+def _adamw(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+    return _adam_like(group, st, theta, g, True)
+
+
+def _rmsprop(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, alpha, eps = _f(group["lr"]), _f(group["alpha"]), _f(group["eps"])
     wd, mom = _f(group["weight_decay"]), _f(group["momentum"])
     if wd != 0:
@@ -290,8 +272,9 @@ def _rmsprop(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     return theta - lr * d
 
 
-def _adagrad(group: dict, st: dict, theta: Tensor, g: Tensor, init: float) -> Tensor:
+def _adagrad(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
+    init = _f(opt.defaults.get("initial_accumulator_value", 0.0))
     step = _f(st["step"]) + 1 if "step" in st else 1.0
     if wd != 0:
         g = g + wd * theta
@@ -312,7 +295,7 @@ def _nadam_radam_decay(
     return theta, g
 
 
-def _nadam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+def _nadam(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
     b1, b2 = (_f(b) for b in group["betas"])
     decay = _f(group["momentum_decay"])
@@ -332,7 +315,7 @@ def _nadam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     return theta + c_g * (g / denom) + c_m * (m / denom)
 
 
-def _radam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+def _radam(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
     b1, b2 = (_f(b) for b in group["betas"])
     step = _f(st["step"]) + 1 if "step" in st else 1.0
@@ -350,7 +333,7 @@ def _radam(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     return theta - m_hat * lr * adaptive * rect
 
 
-def _adamax(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
+def _adamax(opt: torch.optim.Optimizer, group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     lr, wd, eps = _f(group["lr"]), _f(group["weight_decay"]), _f(group["eps"])
     b1, b2 = (_f(b) for b in group["betas"])
     step = int(_f(st["step"])) + 1 if "step" in st else 1
@@ -361,6 +344,34 @@ def _adamax(group: dict, st: dict, theta: Tensor, g: Tensor) -> Tensor:
     tx = scale_by_adamax.impl(b1=b1, b2=b2, eps=eps)  # type: ignore[attr-defined]
     (u,), _ = tx.update((g,), state, inplace=False)
     return theta - lr * u
+
+
+#: The mirrored optimisers, each with its update. An optimiser takes the update of the first
+#: of its classes (``type(optimizer).__mro__``) found here, so a subclass gets its most
+#: specific base's: an ``AdamW`` (a subclass of ``Adam`` in recent torch) gets ``_adamw``.
+_UPDATES: dict[type[torch.optim.Optimizer], _Update] = {
+    torch.optim.SGD: _sgd,
+    torch.optim.Adam: _adam,
+    torch.optim.AdamW: _adamw,
+    torch.optim.RMSprop: _rmsprop,
+    torch.optim.Adagrad: _adagrad,
+    torch.optim.NAdam: _nadam,
+    torch.optim.RAdam: _radam,
+    torch.optim.Adamax: _adamax,
+}
+
+SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_UPDATES)
+"""The optimisers that ``lookahead`` mirrors exactly, with their subclasses: ``torch.optim``'s
+``SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``NAdam``, ``RAdam`` and ``Adamax``."""
+
+
+def _update_of(optimizer: torch.optim.Optimizer) -> Optional[_Update]:
+    """The update of ``optimizer``'s most specific mirrored class, or ``None``."""
+    for cls in type(optimizer).__mro__:
+        update = _UPDATES.get(cls)
+        if update is not None:
+            return update
+    return None
 
 
 def lookahead(
@@ -389,8 +400,8 @@ def lookahead(
         >>> lookahead(opt, [w], [w.detach()], [torch.tensor([1.0, -1.0])])[0].tolist()
         [0.5, 1.5]
     """
-    kind = _kind(optimizer)
-    if kind is None:
+    update = _update_of(optimizer)
+    if update is None:
         raise _unsupported(optimizer, "optimizer")
     where = _groups_by_param(optimizer)
     out: list[Tensor] = list(thetas)
@@ -400,22 +411,7 @@ def lookahead(
         group, st = where[id(p)], optimizer.state.get(p, {})
         if group.get("maximize", False):
             g = -g
-        if kind == "sgd":
-            out[i] = _sgd(group, st, th, g)
-        elif kind in ("adam", "adamw"):
-            decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
-            out[i] = _adam(group, st, th, g, decoupled)
-        elif kind == "rmsprop":
-            out[i] = _rmsprop(group, st, th, g)
-        elif kind == "adagrad":
-            init = _f(optimizer.defaults.get("initial_accumulator_value", 0.0))
-            out[i] = _adagrad(group, st, th, g, init)
-        elif kind == "nadam":
-            out[i] = _nadam(group, st, th, g)
-        elif kind == "radam":
-            out[i] = _radam(group, st, th, g)
-        else:
-            out[i] = _adamax(group, st, th, g)
+        out[i] = update(optimizer, group, st, th, g)
     return out
 
 
@@ -435,7 +431,7 @@ def sgd_jacobian(
         >>> sgd_jacobian(torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True), [w])
         [-0.19]
     """
-    if _kind(optimizer) != "sgd":
+    if _update_of(optimizer) is not _sgd:
         return None
     where = _groups_by_param(optimizer)
     out = []

@@ -31,23 +31,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .backbone import FeatureTap, OutputSpec, primary_logits
+from .backbone import FeatureTap
 from .distributed import Ranks
-from .losses import primary_loss
+from .losses import Criterion
 from .meta import JVPPlan, RNGState, lookahead_direction, meta_jvp
 from .mirror import is_mirrored, sgd_stand_in
 from .tasks.base import AuxiliaryTask, TaskPlan
 
 __all__ = [
-    "NonFiniteError", "Pending", "StepParts", "kept_buffers", "meta_gradient", "multitask_loss",
-    "training_step",
+    "Batch", "NonFiniteError", "Pending", "StepParts", "kept_buffers", "meta_gradient",
+    "multitask_loss", "training_step",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -57,17 +57,16 @@ class NonFiniteError(FloatingPointError):
     """A training step produced a non-finite loss or gradient; nothing was updated."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepParts:
-    """What a step works on: the model, the tasks with their heads, and the options."""
+    """What a step works on, built once by the labeler: the model, its tasks (each with its
+    head), how the logits are found, the loss and the options."""
 
     model: nn.Module
     tap: FeatureTap
-    tasks: Sequence[AuxiliaryTask]
-    heads: Sequence[nn.Module]
-    output: OutputSpec
-    loss: str
-    focal_gamma: float
+    tasks: tuple[AuxiliaryTask, ...]
+    logits: Callable[[Any], Tensor]
+    criterion: Criterion
     jvp: JVPPlan
     ranks: Ranks
     classifier_name: str
@@ -76,19 +75,25 @@ class StepParts:
     diagnostics: bool = False
 
 
-@dataclass
-class _Forward:
-    """The forward of one step: inputs, primary logits and each task's rows and losses."""
+@dataclass(frozen=True)
+class Batch:
+    """One step's data: the batch, its labels, fixed auxiliary labels and a meta batch."""
 
-    inputs: Tensor
-    n: int
-    z_p: Tensor
-    plans: list[TaskPlan]
-    views: list[Optional[slice]]
-    ells: list[Tensor] = field(default_factory=list)
-    targets: list[Tensor] = field(default_factory=list)
-    extras: list[Tensor] = field(default_factory=list)
-    learned: list[int] = field(default_factory=list)
+    x: Tensor
+    y: Tensor
+    aux_target: Optional[Tensor] = None
+    meta_batch: Optional[tuple[Tensor, Tensor]] = None
+
+
+@dataclass
+class _Row:
+    """One active task's part of a forward: its plan, rows of the inputs, losses, targets."""
+
+    task: AuxiliaryTask
+    plan: TaskPlan
+    view: Optional[slice]
+    ell: Optional[Tensor] = None
+    target: Optional[Tensor] = None
 
 
 @dataclass
@@ -99,11 +104,8 @@ class Pending:
         x: the batch.
         y: its primary labels.
         inputs: the batch and every task's views, as forwarded.
-        plans: each task's plan.
-        views: each task's rows of ``inputs`` (``None`` without views).
-        learned: indices of the learned tasks.
-        bases: their per-class losses at the current parameters (detached).
-        targets: their targets, with the graph to their meta-parameters.
+        learned: the learned tasks' parts of the forward (plan, rows of ``inputs``, their
+            per-class losses detached, their targets with the graph to the meta-parameters).
         rng: the random state before the forward (dropout masks are replayed).
         autocast: ``(device_type, dtype)`` of the autocast region the forward ran in.
     """
@@ -111,11 +113,7 @@ class Pending:
     x: Tensor
     y: Tensor
     inputs: Tensor
-    plans: list[TaskPlan]
-    views: list[Optional[slice]]
-    learned: list[int]
-    bases: list[Tensor]
-    targets: list[Tensor]
+    learned: list[_Row]
     rng: Optional[RNGState]
     autocast: Optional[tuple[str, torch.dtype]] = None
 
@@ -136,14 +134,10 @@ def all_finite(tensors: Sequence[Optional[Tensor]]) -> bool:
 def training_step(
     parts: StepParts,
     owner: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    batch: Batch,
     optimizer: torch.optim.Optimizer,
     gen_optimizer: Optional[torch.optim.Optimizer],
-    *,
-    aux_target: Optional[Tensor] = None,
-    meta_batch: Optional[tuple[Tensor, Tensor]] = None,
-    do_meta: bool = False,
+    do_meta: bool,
 ) -> dict[str, Any]:
     """One step on checked inputs; ``owner``'s buffers are restored if it fails or is skipped.
 
@@ -158,7 +152,7 @@ def training_step(
         p.grad = None
     saved = [(b, b.clone()) for b in owner.buffers()]
     try:
-        out = _step(parts, x, y, optimizer, gen_optimizer, aux_target, params, do_meta, meta_batch)
+        out = _step(parts, batch, (optimizer, gen_optimizer), params, do_meta)
     except BaseException:
         _restore(saved)
         raise
@@ -183,86 +177,38 @@ def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
             b.copy_(c)
 
 
-def _forward(
-    parts: StepParts, x: Tensor, y: Tensor, aux_target: Optional[Tensor], do_meta: bool
-) -> tuple[_Forward, Optional[RNGState]]:
-    """Plans, one forward of the batch and the views, each task's losses and targets."""
-    n = x.shape[0]
-    plans = [
-        task.plan(x, y, aux_target if task.takes_aux_target else None)
-        if task.weight > 0
-        else TaskPlan()
-        for task in parts.tasks
-    ]
-    chunks, views, start = [x], [], n
-    for task, plan in zip(parts.tasks, plans):
-        if plan.views is None:
-            views.append(None)
+def _plan(parts: StepParts, batch: Batch) -> tuple[list[_Row], Tensor]:
+    """The active tasks' plans (tasks of weight 0 are left out once, here), and the inputs:
+    the batch and every task's views, to forward together."""
+    x, y, chunks, start = batch.x, batch.y, [batch.x], batch.x.shape[0]
+    rows = []
+    for task in parts.tasks:
+        if task.weight <= 0:
             continue
-        check_views(task, plan.views, x)
-        chunks.append(plan.views)
-        views.append(slice(start, start + plan.views.shape[0]))
-        start += plan.views.shape[0]
-    inputs = torch.cat(chunks) if len(chunks) > 1 else x
-    rng = RNGState(x.device) if do_meta else None
-    out, h_all = parts.tap.run(lambda: parts.model(inputs))
-    z_all = primary_logits(out, parts.output)
-    z_p, h = (z_all, h_all) if inputs is x else (z_all[:n], h_all[:n])
-    fwd = _Forward(inputs, n, z_p, plans, views)
-    for j, (task, plan, head) in enumerate(zip(parts.tasks, plans, parts.heads)):
-        h_views = h_all[views[j]] if views[j] is not None else None
-        z = head(task.head_input(plan, h, h_views) if task.weight > 0 else h)
-        ell = task.loss_matrix(z, parts.loss, parts.focal_gamma)
-        if task.weight > 0:
-            z_views = z_all[views[j]] if views[j] is not None else None
-            extra = task.extra_loss(plan, z_p, z_views, z)
-            if extra is not None:
-                fwd.extras.append(extra)
-        if task.weight == 0:  # the task is off: its targets are not computed
-            t = z.new_zeros(z.shape).float()
-        elif plan.targets is not None:
-            t = plan.targets.to(device=z.device, dtype=z.dtype)
-        else:
-            t = task.targets(plan, x, y, h, grad=do_meta and task.learned)
-        if do_meta and task.learned and task.weight > 0:
-            fwd.learned.append(j)
-        fwd.ells.append(ell)
-        fwd.targets.append(t)
-    return fwd, rng
-
-
-def check_views(task: AuxiliaryTask, views: Any, x: Tensor) -> None:
-    """A task's views must be a batch like ``x``: same per-sample shape, dtype and device."""
-    name = type(task).__name__
-    if not isinstance(views, Tensor):
-        raise TypeError(f"{name}.plan() views must be a Tensor, got {type(views).__name__}")
-    if views.shape[1:] != x.shape[1:] or views.dtype != x.dtype or views.device != x.device:
-        raise ValueError(
-            f"{name}.plan() views must be batches like x (per-sample shape "
-            f"{tuple(x.shape[1:])}, {x.dtype}, {x.device}), got {tuple(views.shape)} "
-            f"{views.dtype} {views.device}"
-        )
+        plan = task.plan(x, y, batch.aux_target if task.takes_aux_target else None)
+        view = None
+        if plan.views is not None:
+            check_views(task, plan.views, x)
+            chunks.append(plan.views)
+            view = slice(start, start + plan.views.shape[0])
+            start += plan.views.shape[0]
+        rows.append(_Row(task, plan, view))
+    return rows, torch.cat(chunks) if len(chunks) > 1 else x
 
 
 def multitask_loss(
-    parts: StepParts,
-    x: Tensor,
-    y: Tensor,
-    aux_target: Optional[Tensor],
-    *,
-    meta: bool,
+    parts: StepParts, batch: Batch, *, meta: bool
 ) -> tuple[dict[str, Any], Optional[Pending]]:
     """The multi-task loss of one batch, and what a meta update after it needs.
 
-    One forward of the model on the batch and every task's views, the primary loss on the
-    batch plus each task's weighted loss ``w_j mean_r sum_k t_rk ell_rk`` (targets
-    detached) and any extra terms.
+    One forward of the model on the batch and every active task's views, the primary loss on
+    the batch plus each task's weighted loss ``w_j mean_r sum_k t_rk ell_rk`` (targets
+    detached) and any extra terms. A task of weight 0 adds nothing (its head gets a zero
+    gradient, so that every parameter takes part, as ``DistributedDataParallel`` expects).
 
     Args:
-        parts: the model, the tasks, their heads and the options.
-        x: the (checked) batch.
-        y: its primary labels.
-        aux_target: fixed auxiliary labels for the tasks that take them.
+        parts: the model, the tasks and the options.
+        batch: the (checked) batch.
         meta: make the learned tasks' targets with their graph (a meta update follows).
 
     Returns:
@@ -270,33 +216,63 @@ def multitask_loss(
         tensors are attached to the graph; ``pending`` is ``None`` unless ``meta`` and a
         learned task with a positive weight take part.
     """
-    fwd, rng = _forward(parts, x, y, aux_target, meta)
-    lp = primary_loss(fwd.z_p, y, parts.loss, parts.focal_gamma)
-    loss, task_losses = lp, []
-    for task, ell, t in zip(parts.tasks, fwd.ells, fwd.targets):
-        la = (ell * t.detach().to(ell.dtype)).sum(1).mean()
+    x, y, n = batch.x, batch.y, batch.x.shape[0]
+    rows, inputs = _plan(parts, batch)
+    rng = RNGState(x.device) if meta else None
+    out, h_all = parts.tap.run(lambda: parts.model(inputs))
+    z_all = parts.logits(out)
+    z_p, h = (z_all, h_all) if inputs is x else (z_all[:n], h_all[:n])
+    lp = parts.criterion.primary(z_p, y)
+    loss, losses = lp, {}
+    for row in rows:
+        task, view = row.task, row.view
+        h_views = h_all[view] if view is not None else None
+        head_rows = task.head_input(row.plan, h, h_views)
+        z = task.head(head_rows)
+        row.ell = task.loss_matrix(z, parts.criterion)
+        t = task.step_targets(row.plan, x, y, h, meta and task.learned)
+        task.check_rows(head_rows, t)
+        fixed = row.plan.targets is not None  # known before the forward: in the head's dtype
+        row.target = t.to(device=z.device, dtype=z.dtype) if fixed else t
+        la = (row.ell * row.target.detach().to(row.ell.dtype)).sum(1).mean()
         loss = loss + task.weight * la
-        task_losses.append(la)
-    for extra in fwd.extras:
-        loss = loss + extra
-    aux = sum(task_losses[1:], task_losses[0]) if task_losses else lp.new_zeros(())
+        losses[task] = la
+        extra = task.extra_loss(row.plan, z_p, z_all[view] if view is not None else None, z)
+        if extra is not None:
+            loss = loss + extra
+    zero = lp.new_zeros(())
+    for task in parts.tasks:
+        if task.weight <= 0:  # a zero gradient for its head, a zero entry in task_losses
+            loss = loss + sum((p * 0.0).sum() for p in task.head.parameters())
+            losses[task] = zero
+    task_losses = {_task_key(parts.tasks, j): losses[t] for j, t in enumerate(parts.tasks)}
     result = {
         "loss": loss,
         "primary_loss": lp,
-        "aux_loss": aux,
-        "task_losses": {_task_key(parts.tasks, j): la for j, la in enumerate(task_losses)},
+        "aux_loss": sum(task_losses.values(), zero),
+        "task_losses": task_losses,
         # a view of the batch-and-views logits when there are views: cloned (N x C floats),
         # so that wrappers which hook the output (FSDP) and in-place edits by the user are safe
-        "logits": fwd.z_p if fwd.z_p._base is None else fwd.z_p.clone(),
+        "logits": z_p if z_p._base is None else z_p.clone(),
     }
-    pending = None
-    if fwd.learned:
-        pending = Pending(
-            x, y, fwd.inputs, fwd.plans, fwd.views, fwd.learned,
-            [fwd.ells[j].detach() for j in fwd.learned], [fwd.targets[j] for j in fwd.learned],
-            rng, _autocast_state(x.device),
-        )  # fmt: skip
+    learned = [r for r in rows if meta and r.task.learned]
+    for r in learned:
+        r.ell = r.ell.detach()  # type: ignore[union-attr]
+    pending = Pending(x, y, inputs, learned, rng, _autocast_state(x.device)) if learned else None
     return result, pending
+
+
+def check_views(task: AuxiliaryTask, views: Any, x: Tensor) -> None:
+    """A task's views must be a batch like ``x``: same per-sample shape, dtype and device."""
+    name = f"{type(task).__name__} (name {task.name!r})"
+    if not isinstance(views, Tensor):
+        raise TypeError(f"{name}: plan() views must be a Tensor, got {type(views).__name__}")
+    if views.shape[1:] != x.shape[1:] or views.dtype != x.dtype or views.device != x.device:
+        raise ValueError(
+            f"{name}: plan() views must be batches like x (per-sample shape "
+            f"{tuple(x.shape[1:])}, {x.dtype}, {x.device}), got {tuple(views.shape)} "
+            f"{views.dtype} {views.device}"
+        )
 
 
 def _autocast_state(device: torch.device) -> Optional[tuple[str, torch.dtype]]:
@@ -309,18 +285,14 @@ def _autocast_state(device: torch.device) -> Optional[tuple[str, torch.dtype]]:
     return None
 
 
+Optimizers = tuple[torch.optim.Optimizer, Optional[torch.optim.Optimizer]]
+
+
 def _step(
-    parts: StepParts,
-    x: Tensor,
-    y: Tensor,
-    optimizer: torch.optim.Optimizer,
-    gen_optimizer: Optional[torch.optim.Optimizer],
-    aux_target: Optional[Tensor],
-    params: list[Tensor],
-    do_meta: bool,
-    meta_xy: Optional[tuple[Tensor, Tensor]],
+    parts: StepParts, batch: Batch, optimizers: Optimizers, params: list[Tensor], do_meta: bool
 ) -> dict[str, Any]:
-    losses, pending = multitask_loss(parts, x, y, aux_target, meta=do_meta)
+    optimizer, gen_optimizer = optimizers
+    losses, pending = multitask_loss(parts, batch, meta=do_meta)
     loss, lp = losses["loss"], losses["primary_loss"]
     shared, g_p = _primary_grads(parts, lp, params) if parts.diagnostics else ([], [])
     grads = list(torch.autograd.grad(loss, params, allow_unused=True))
@@ -335,7 +307,9 @@ def _step(
     gen_grads: Optional[list[Optional[Tensor]]] = None
     gen_params = [p for t in parts.tasks for p in t.meta_parameters()]
     if pending is not None:
-        gen_grads, meta_loss = meta_gradient(parts, pending, optimizer, params, grads, meta_xy)
+        gen_grads, meta_loss = meta_gradient(
+            parts, pending, optimizer, params, grads, batch.meta_batch
+        )
         result["meta_loss"] = meta_loss
         result["meta_mode"] = parts.jvp.mode
         if not all_finite([meta_loss, *gen_grads]):
@@ -384,7 +358,7 @@ def meta_gradient(
     """The learned tasks' meta-gradient (see :mod:`auxgen.meta`) and the meta loss.
 
     Args:
-        parts: the model, the tasks, their heads and the options.
+        parts: the model, the tasks and the options.
         pending: what the training forward left for the meta update.
         optimizer: the user's optimiser, in its state before this step (not modified).
         params: the parameters it holds.
@@ -403,7 +377,8 @@ def meta_gradient(
     primary_loss_at, loss_matrix_at = _evaluators(
         parts, pending, [names[id(p)] for p in moving], meta_xy
     )
-    base = _flat(pending.bases)
+    bases = [r.ell for r in pending.learned]
+    base = _flat(bases)  # type: ignore[arg-type]
     if moving:
         u, lp_plus = lookahead_direction(
             optimizer if is_mirrored(optimizer) else sgd_stand_in(optimizer),
@@ -413,24 +388,18 @@ def meta_gradient(
             reduce=parts.ranks.average if parts.ranks.world() > 1 else None,
         )
         dell = meta_jvp(
-            parts.jvp,
-            loss_matrix_at,
-            [p.detach() for p in moving],
-            u,
-            base=base,
-            rng=pending.rng,
-            fd_eps=parts.fd_eps,
-        )
+            parts.jvp, loss_matrix_at, [p.detach() for p in moving], u, base=base,
+            rng=pending.rng, fd_eps=parts.fd_eps,
+        )  # fmt: skip
     else:  # nothing moves: the labels cannot affect the primary loss
         with torch.no_grad():
             lp_plus = primary_loss_at([])
         dell = torch.zeros_like(base)
     surrogate: Optional[Tensor] = None
     reg_total: Optional[Tensor] = None
-    for j, t, d in zip(pending.learned, pending.targets, _unflat(dell, pending.bases)):
-        task = parts.tasks[j]
-        term = task.meta_surrogate(d.detach(), t)
-        reg = task.regularizer(t)
+    for row, d in zip(pending.learned, _unflat(dell, bases)):  # type: ignore[arg-type]
+        term = row.task.meta_surrogate(d.detach(), row.target)  # type: ignore[arg-type]
+        reg = row.task.regularizer(row.target)  # type: ignore[arg-type]
         if reg is not None:
             term = term + reg
             reg_total = reg if reg_total is None else reg_total + reg
@@ -457,18 +426,17 @@ def _evaluators(
         return functional_call(parts.model, {**dict(zip(keys, values)), **buffers}, (inputs,))
 
     def primary_loss_at(values: list[Tensor]) -> Tensor:
-        z = primary_logits(run_at(values, x_m), parts.output)
-        return primary_loss(z, y_m, parts.loss, parts.focal_gamma)
+        return parts.criterion.primary(parts.logits(run_at(values, x_m)), y_m)
 
     def loss_matrix_at(values: list[Tensor]) -> Tensor:
         inputs = pending.inputs
         _, h_all = parts.tap.run(lambda: run_at(values, inputs))
         h = h_all if inputs is x else h_all[:n]
         mats = []
-        for j in pending.learned:
-            task, view = parts.tasks[j], pending.views[j]
-            rows = task.head_input(pending.plans[j], h, h_all[view] if view is not None else None)
-            mats.append(task.loss_matrix(parts.heads[j](rows), parts.loss, parts.focal_gamma))
+        for row in pending.learned:
+            h_views = h_all[row.view] if row.view is not None else None
+            z = row.task.head(row.task.head_input(row.plan, h, h_views))
+            mats.append(row.task.loss_matrix(z, parts.criterion))
         return _flat(mats)
 
     return primary_loss_at, loss_matrix_at

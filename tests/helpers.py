@@ -81,3 +81,31 @@ def fake_cifar100(root, n_train: int = 400, n_test: int = 100, shuffle: bool = F
 
     write_fake_cifar100(root, n_train, n_test, shuffle)
     return root
+
+
+def spawn_ranks(worker, tmp, world: int = 2, timeout: float = 180.0) -> list:
+    """Run ``worker(rank, init_file, out_dir)`` in ``world`` spawned processes; return each
+    rank's ``torch.load(out_dir / f"rank{rank}.pt")``. A rank that hangs is killed, and the
+    ranks' tracebacks (``rank*.err``, written by the worker) make the assertion message."""
+    import torch
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=worker, args=(r, str(tmp / "init"), str(tmp)), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
+    assert not hung, f"ranks {[procs.index(p) for p in hung]} hung\n{errors}"
+    assert all(p.exitcode == 0 for p in procs), (
+        f"exit codes {[p.exitcode for p in procs]}\n{errors}"
+    )
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -143,7 +143,7 @@ def test_head_generator_state_dict_round_trip() -> None:
     out = lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=0.1))
     assert out["meta_updated"]
     state = lab.state_dict()
-    assert {"tasks.0.owner", "tasks.0.generator.0.weight", "aux_heads.0.weight"} <= set(state)
+    assert {"tasks.0.owner", "tasks.0.generator.0.weight", "tasks.0.head.weight"} <= set(state)
     other = build(1)
     other.load_state_dict(state)
     torch.testing.assert_close(other.generate_labels(x, y), lab.generate_labels(x, y))

@@ -76,11 +76,11 @@ def _biases_before_batchnorm(module: torch.nn.Module) -> set[str]:
 
 
 def _new_name(old: str) -> str:
-    """The previous layout's state-dict key in the task layout."""
+    """The first layout's state-dict key in today's (each task owns its head)."""
     if old == "owner":
         return "tasks.0.owner"
     if old.startswith("aux_head."):
-        return "aux_heads.0." + old[len("aux_head.") :]
+        return "tasks.0.head." + old[len("aux_head.") :]
     if old.startswith("generator."):
         return "tasks.0." + old
     return old

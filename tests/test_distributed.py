@@ -31,8 +31,7 @@ from typing import Any, Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import rank_logs, torchrun_cmd
+from helpers import rank_logs, spawn_ranks, torchrun_cmd
 from torch import Tensor, nn
 
 from auxgen import AuxiliaryLabeler, GeneratedLabels, NonFiniteError
@@ -239,26 +238,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Spawn the two ranks once; return each rank's results."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, str(tmp / "init"), str(tmp)), daemon=True)
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
-    assert not hung, f"ranks {[procs.index(p) for p in hung]} hung\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), (
-        f"exit codes {[p.exitcode for p in procs]}\n{errors}"
-    )
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD, timeout=120)
 
 
 def _assert_same(a: dict[str, Tensor], b: dict[str, Tensor], **tol: float) -> None:
@@ -276,7 +256,7 @@ def test_ranks_stay_in_sync(ranks: list[dict[str, Any]]) -> None:
     r0, r1 = ranks
     first = r0["a"][0]
     assert any(k.startswith("tasks.0.generator.") for k in first)
-    assert any(k.startswith("aux_heads.0.") for k in first)
+    assert any(k.startswith("tasks.0.head.") for k in first)
     for step, (p0, p1) in enumerate(zip(r0["a"], r1["a"])):
         _assert_same(p0, p1)
         if step:  # and training really moved them
@@ -356,7 +336,7 @@ def test_meta_gradient_entropy_is_rank_local(ranks: list[dict[str, Any]]) -> Non
 def test_distributed_false_keeps_ranks_independent(ranks: list[dict[str, Any]]) -> None:
     """(d) no averaging: ranks that see different data end up with different parameters."""
     r0, r1 = ranks
-    for k in ("model.0.weight", "aux_heads.0.weight", "tasks.0.generator.0.weight"):
+    for k in ("model.0.weight", "tasks.0.head.weight", "tasks.0.generator.0.weight"):
         assert not torch.allclose(r0["d"][k], r1["d"][k]), k
 
 

@@ -131,7 +131,7 @@ def test_timm_example_float16_passes_the_scaler_to_meta_step(tmp_path: Path, mon
     assert state["scaler"]["scale"] > 0  # the scaler's state is saved for --resume
     labeler = state["labeler"]
     assert all(torch.isfinite(labeler[name]).all() for name in initial)
-    for part in ("model.", "aux_heads.", "tasks.0.generator."):  # one update at warm-up lr
+    for part in ("model.", "tasks.0.head.", "tasks.0.generator."):  # one update at warm-up lr
         names = [k for k in initial if k.startswith(part)]
         assert names and any(not torch.equal(labeler[k], initial[k]) for k in names), part
 
@@ -214,7 +214,7 @@ def test_accelerate_example_smoke(tmp_path: Path, fresh_accelerate_state, monkey
     assert result["epoch"] == 2 and result["max_divergence"] == 0.0
     assert 0.0 <= result["test_acc"] <= 1.0 and result["train_loss"] > 0
     state = torch.load(tmp_path / "c.pt", weights_only=False)["labeler"]
-    assert {"model.fc.weight", "aux_heads.0.weight", "tasks.0.owner"} <= set(
+    assert {"model.fc.weight", "tasks.0.head.weight", "tasks.0.owner"} <= set(
         state
     )  # the unwrapped labeler's keys, not a DDP module.*
     floats = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]

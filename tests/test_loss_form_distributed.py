@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from torch import Tensor, nn
 
 from auxgen import AuxiliaryLabeler, GeneratedLabels, TransformLabels
@@ -108,23 +108,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("loss_form_ddp")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, str(tmp / "init"), str(tmp)), daemon=True)
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
-    assert not hung and all(p.exitcode == 0 for p in procs), errors
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    """Spawn the two ranks once; return each rank's results."""
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("loss_form_ddp"), WORLD, timeout=180)
 
 
 def _one_process(task: str) -> dict[str, Tensor]:

@@ -355,8 +355,21 @@ def cosine(a, b):
 
 
 # ----------------------------------------------------------------------------- tests
+def train_once(labeler, x, y, opt, gen_opt, path):
+    """One training step: ``labeler.step``, or the loss form in the user's own loop."""
+    if path == "step":
+        return labeler.step(x, y, opt, gen_opt)
+    opt.zero_grad()
+    out = labeler(x, y)
+    out["loss"].backward()
+    meta = labeler.meta_step(opt, gen_opt)
+    opt.step()
+    return {**out, **meta}
+
+
+@pytest.mark.parametrize("path", ["step", "loss_form"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_second_order_step_matches_oracle(case):
+def test_second_order_step_matches_oracle(case, path):
     opt_cls, kind, hp, zero_col = CASES[case]
     model, gen, labeler, batches = build("second_order", zero_col, 7 if kind == "radam" else 2)
     check_wiring(model, gen, labeler)
@@ -369,8 +382,8 @@ def test_second_order_step_matches_oracle(case):
         ref = oracle_step(theta, phi, bn, oracle, x, y)
         if zero_col:  # the case really exercises exactly-zero gradient entries
             assert (ref["G"]["0.weight"][:, 0] == 0).all()
-        out = labeler.step(x, y, opt, gen_opt)
-        msg = f"{case} step {step}"
+        out = train_once(labeler, x, y, opt, gen_opt, path)
+        msg = f"{case} step {step} ({path})"
         for n, p in gen.named_parameters():
             assert p.grad is not None, f"{msg}: no grad for generator {n}"
             assert torch.isfinite(p.grad).all(), f"{msg}: non-finite grad for generator {n}"
@@ -385,37 +398,6 @@ def test_second_order_step_matches_oracle(case):
             got = torch.as_tensor(out[k]).detach().to(v.dtype)
             torch.testing.assert_close(got, v, **TOL, msg=f"{msg}: {k}")
         torch.testing.assert_close(out["logits"].detach(), ref["logits"], **TOL)
-        theta, phi, bn = ref["theta"], ref["phi"], ref["bn"]
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_loss_form_meta_step_matches_oracle(case):
-    """The user's own loop: ``labeler(x, y)["loss"].backward()``, ``meta_step``, ``opt.step()``."""
-    opt_cls, kind, hp, zero_col = CASES[case]
-    model, gen, labeler, batches = build("second_order", zero_col, 7 if kind == "radam" else 2)
-    opt = opt_cls(labeler.parameters(), **hp)  # every parameter, as frameworks build it
-    gen_opt = torch.optim.SGD(labeler.generator_parameters(), lr=GEN_LR)
-    oracle = OracleOpt(kind, hp)
-    theta, bn = lib_theta(model, labeler), lib_bn(model)
-    phi = {n: p.detach().clone() for n, p in gen.named_parameters()}
-    for step, (x, y) in enumerate(batches):
-        ref = oracle_step(theta, phi, bn, oracle, x, y)
-        opt.zero_grad()
-        out = labeler(x, y)
-        out["loss"].backward()
-        meta = labeler.meta_step(opt, gen_opt)
-        opt.step()
-        msg = f"{case} step {step}"
-        assert meta["meta_updated"], msg
-        for n, p in gen.named_parameters():
-            torch.testing.assert_close(p.detach(), ref["phi"][n], **TOL, msg=f"{msg}: phi {n}")
-        for n, v in lib_theta(model, labeler).items():
-            torch.testing.assert_close(v, ref["theta"][n], **TOL, msg=f"{msg}: theta {n}")
-        for n, v in lib_bn(model).items():
-            torch.testing.assert_close(v, ref["bn"][n], **TOL, msg=f"{msg}: BN {n}")
-        for k, v in ref["losses"].items():
-            got = torch.as_tensor({**out, **meta}[k]).detach().to(v.dtype)
-            torch.testing.assert_close(got, v, **TOL, msg=f"{msg}: {k}")
         theta, phi, bn = ref["theta"], ref["phi"], ref["bn"]
 
 

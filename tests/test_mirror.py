@@ -249,3 +249,32 @@ def test_lookahead_sgd_uses_plain_sgd_at_the_current_lr_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         approx.step(x, y, optim.NAdam(approx.model_parameters()), gen_a)
+
+
+def test_a_subclass_takes_its_most_specific_bases_update():
+    """AdamW subclasses Adam: an AdamW (or a user's subclass of it) keeps AdamW's decoupled
+    weight decay, and a subclass of SGD keeps SGD's affine Jacobian."""
+    order = (optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop, optim.Adagrad, optim.NAdam)
+    assert order + (optim.RAdam, optim.Adamax) == SUPPORTED_OPTIMIZERS  # the public order
+
+    class MyAdamW(optim.AdamW):
+        pass
+
+    class MySGD(optim.SGD):
+        pass
+
+    params = _params()
+    opt = MyAdamW(params, lr=1e-2, weight_decay=0.5)
+    assert is_mirrored(opt) and sgd_jacobian(opt, params) is None
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        predicted = lookahead(opt, params, [p.detach() for p in params], grads)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for p, q in zip(params, predicted):
+            torch.testing.assert_close(q, p.detach(), **TOL[torch.float64])
+    sgd = MySGD(params, lr=0.1, momentum=0.9)
+    assert sgd_jacobian(sgd, params) == sgd_jacobian(
+        optim.SGD(params, lr=0.1, momentum=0.9), params
+    )

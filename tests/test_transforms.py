@@ -4,6 +4,7 @@ tasks at once with the meta-gradient checked against an independent double backw
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -255,7 +256,8 @@ def test_learned_weight_meta_gradient_equals_double_backward() -> None:
     out = lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=1.0))
     assert out["meta_updated"]
     torch.testing.assert_close(out["meta_loss"], lp_plus.detach())
-    torch.testing.assert_close(task.log_weight.grad, want.to(task.log_weight.dtype))
+    s_learned = task.loss_weight.log_weight
+    torch.testing.assert_close(s_learned.grad, want.to(s_learned.dtype))
     assert task.weight == pytest.approx(float((s - want).exp().detach()))
 
 
@@ -270,12 +272,26 @@ def test_state_dict_round_trip_and_checkpoint_keys() -> None:
     opt = torch.optim.SGD(lab.model_parameters(), lr=0.1)
     lab.step(x, y, opt, torch.optim.SGD(lab.generator_parameters(), lr=0.1))
     state = lab.state_dict()
-    assert {"tasks.0.log_weight", "aux_heads.1.weight", "tasks.1.owner"} <= set(state)
+    assert {"tasks.0.loss_weight.log_weight", "tasks.1.head.weight", "tasks.1.owner"} <= set(state)
     other = build(1)
     other.load_state_dict(state)
     lab.eval(), other.eval()
     assert torch.equal(other(x), lab(x))
     assert other.tasks[0].weight == lab.tasks[0].weight
+    # the layout before tasks owned their heads and weights (version 2) still loads
+    old = {
+        re.sub(r"^tasks\.(\d+)\.head\.", r"aux_heads.\1.", k).replace(
+            "loss_weight.log_weight", "log_weight"
+        ): v
+        for k, v in state.items()
+    }
+    assert {"tasks.0.log_weight", "aux_heads.1.weight"} <= set(old)
+    third = build(2)
+    third.load_state_dict(old)
+    third.eval()
+    assert torch.equal(third(x), lab(x)) and third.tasks[0].weight == lab.tasks[0].weight
+    for a, b in zip(third.aux_heads.parameters(), lab.aux_heads.parameters()):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -463,7 +479,7 @@ def test_user_transforms_must_act_within_each_sample() -> None:
     lab = AuxiliaryLabeler(_model(), tasks=TransformLabels([None, *fine]))
     state = torch.random.get_rng_state()
     lab(x, y)["loss"].backward()
-    assert lab.tasks[0]._checked == {1, 2, 3, 4, 5}
+    assert lab.tasks[0].transform_set.checked == {1, 2, 3, 4, 5}
     # the check itself leaves the global random stream as it found it: a second labeler
     # whose transforms were already checked draws the same numbers for the same step
     torch.random.set_rng_state(state)

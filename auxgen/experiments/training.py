@@ -313,7 +313,7 @@ def _epoch(cfg: RunConfig, run: _Run, epoch: int, device: torch.device) -> dict[
     }
     if cosines:
         record["train_grad_cosine"] = sum(cosines) / len(cosines)
-    learned = [t for t in run.labeler.tasks if isinstance(t, LearnedWeight)]
+    learned = [t for t in run.labeler.tasks if isinstance(t.loss_weight, LearnedWeight)]
     if learned:  # Auto-lambda: the weight the meta-gradient has reached
         record["task_weights"] = {t.name: t.weight for t in learned}
     logger.info(

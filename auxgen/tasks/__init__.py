@@ -7,18 +7,20 @@
 * :class:`GeneratedCellLabels`: MAXL's generated labels inside SLA's (class, transform)
   cells;
 * :class:`LearnedWeight`: a task's loss weight learned by the meta-gradient (Auto-lambda);
-* :class:`AuxiliaryTask`: the protocol, to write your own.
+* :class:`AuxiliaryTask`: the contract, to write your own (:class:`LearnedTask` for targets
+  trained by the meta-gradient; :class:`TaskWeight` a task's loss weight).
 """
 
 from typing import Any
 
-from .base import AuxiliaryTask, TaskContext, TaskPlan
+from .base import AuxiliaryTask, LearnedTask, TaskContext, TaskPlan, TaskWeight
 from .cells import GeneratedCellLabels
 from .labels import GENERATORS, FixedLabels, GeneratedLabels
 from .transforms import (
     PermuteChannels,
     Rotate,
     TransformLabels,
+    TransformSet,
     colour_permutations,
     patch_rotations,
     rotations,
@@ -29,6 +31,9 @@ __all__ = [
     "as_task_list",
     "GENERATORS",
     "AuxiliaryTask",
+    "LearnedTask",
+    "TaskWeight",
+    "TransformSet",
     "FixedLabels",
     "GeneratedCellLabels",
     "GeneratedLabels",
@@ -77,6 +82,6 @@ def as_task_list(psi: Any, tasks: Any) -> list[AuxiliaryTask]:
     for i, task in enumerate(task_list):
         if not isinstance(task, AuxiliaryTask):
             raise TypeError(f"tasks[{i}] must be an AuxiliaryTask, got {type(task).__name__}")
-        if task.num_outputs:
+        if task.head is not None:
             raise ValueError(f"tasks[{i}] ({type(task).__name__}) is already attached")
     return task_list

@@ -18,9 +18,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .base import TaskContext, TaskPlan
+from .base import TaskContext, TaskPlan, TaskWeight
 from .labels import GeneratedLabels, PsiSpec
-from .transforms import Transform, TransformLabels
+from .transforms import Transform, TransformSet
 
 __all__ = ["GeneratedCellLabels"]
 
@@ -75,7 +75,7 @@ class GeneratedCellLabels(GeneratedLabels):
         entropy_weight: float = 0.2,
         confidence_weight: float = 0.0,
         label_temperature: float = 1.0,
-        weight: float = 1.0,
+        weight: Union[float, TaskWeight] = 1.0,
     ) -> None:
         super().__init__(
             psi,
@@ -85,15 +85,12 @@ class GeneratedCellLabels(GeneratedLabels):
             label_temperature=label_temperature,
             weight=weight,
         )
-        # Makes and checks the K views; it has no parameters and is not a submodule.
-        views = TransformLabels(transforms, names, form="joint", views="all")
-        object.__setattr__(self, "_views", views)
-        self.num_transforms = views.num_transforms
-        self.names = views.names
+        self.transform_set = TransformSet(transforms, names)  # makes and checks the K views
+        self.num_transforms = self.transform_set.num_transforms
+        self.names = self.transform_set.names
 
-    def setup(self, ctx: TaskContext) -> None:
-        super().setup(ctx)
-        self._set_outputs([self.num_transforms * self.num_aux])
+    def outputs(self, ctx: TaskContext) -> list[int]:
+        return [self.num_transforms * self.num_aux]
 
     def into_cells(self, labels: Tensor) -> Tensor:
         """Per-image labels ``(N, sum(psi))`` as the head's targets ``(K * N, K * sum(psi))``.
@@ -107,13 +104,13 @@ class GeneratedCellLabels(GeneratedLabels):
         return cells.reshape(k * labels.shape[0], k * labels.shape[1])
 
     def plan(self, x: Tensor, y: Tensor, aux_target: Optional[Tensor]) -> TaskPlan:
-        views = self._views.all_views(x)
+        views = self.transform_set.all_views(x)
         if aux_target is None:
             return TaskPlan(views=views)
         return TaskPlan(views=views, targets=self.into_cells(self.fixed_targets(aux_target, y)))
 
     def head_input(self, plan: TaskPlan, h: Tensor, h_views: Optional[Tensor]) -> Tensor:
-        return self._views.head_input(plan, h, h_views)
+        return self.transform_set.rows(h, h_views)
 
     def targets(
         self, plan: TaskPlan, x: Tensor, y: Tensor, h: Tensor, *, grad: bool = False

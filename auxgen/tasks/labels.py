@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..backbone import OutputSpec, primary_logits, replace_module
 from ..hierarchy import masked_log_softmax, normalize_psi, owner_index
 from ..losses import mean_entropy, neg_entropy
-from .base import AuxiliaryTask, TaskContext, TaskPlan, check_weight
+from .base import AuxiliaryTask, LearnedTask, TaskContext, TaskPlan, TaskWeight, check_weight
 
 __all__ = ["GENERATORS", "FixedLabels", "GeneratedLabels"]
 
@@ -57,7 +57,7 @@ class _Hierarchy(AuxiliaryTask):
 
     takes_aux_target = True
 
-    def __init__(self, psi: PsiSpec, *, weight: float = 1.0) -> None:
+    def __init__(self, psi: PsiSpec, *, weight: Union[float, TaskWeight] = 1.0) -> None:
         super().__init__(weight=weight)
         self._psi_spec = _check_psi(psi)
         self.psi: tuple[int, ...] = ()
@@ -69,8 +69,10 @@ class _Hierarchy(AuxiliaryTask):
     def setup(self, ctx: TaskContext) -> None:
         self.psi = normalize_psi(self._psi_spec, ctx.num_classes)
         self.num_aux = sum(self.psi)
-        self._set_outputs([self.num_aux])
         self.register_buffer("owner", owner_index(self.psi, device=ctx.factory.get("device")))
+
+    def outputs(self, ctx: TaskContext) -> list[int]:
+        return [self.num_aux]
 
     def fixed_targets(self, aux_target: Tensor, y: Tensor) -> Tensor:
         """``aux_target`` (indices or soft labels) as ``(batch, sum(psi))`` soft labels.
@@ -148,7 +150,7 @@ class FixedLabels(_Hierarchy):
         return f"psi={list(self.psi)}, weight={self.weight}"
 
 
-class GeneratedLabels(_Hierarchy):
+class GeneratedLabels(_Hierarchy, LearnedTask):
     r"""MAXL's generated auxiliary labels, trained by the meta-gradient.
 
     A label-generation network maps each image to logits over the ``sum(psi)`` auxiliary
@@ -195,7 +197,6 @@ class GeneratedLabels(_Hierarchy):
     """
 
     name = "maxl"
-    learned = True
 
     def __init__(
         self,
@@ -205,7 +206,7 @@ class GeneratedLabels(_Hierarchy):
         entropy_weight: float = 0.2,
         confidence_weight: float = 0.0,
         label_temperature: float = 1.0,
-        weight: float = 1.0,
+        weight: Union[float, TaskWeight] = 1.0,
     ) -> None:
         super().__init__(psi, weight=weight)
         if isinstance(generator, str):
@@ -311,6 +312,9 @@ class GeneratedLabels(_Hierarchy):
         """The generated labels ``(N, sum(psi))`` of a batch: rows sum to 1 over ``y``'s
         children. ``h`` is the batch's features (needed by the ``"head"`` generator only)."""
         return masked_log_softmax(self.logits(x, h), y, self.owner).exp()
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return list(self.generator.parameters())
 
     def regularizer(self, t: Tensor) -> Optional[Tensor]:
         reg = self.entropy_weight * neg_entropy(t)

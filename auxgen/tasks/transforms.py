@@ -27,13 +27,13 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import AuxiliaryTask, TaskContext, TaskPlan, check_weight, widen
+from .base import AuxiliaryTask, TaskContext, TaskPlan, TaskWeight, check_weight, widen
 
 __all__ = [
-    "FORMS", "VIEWS", "PermuteChannels", "Rotate", "TransformLabels", "colour_permutations",
-    "patch_rotations", "rotations",
+    "FORMS", "VIEWS", "PermuteChannels", "Rotate", "TransformLabels", "TransformSet",
+    "colour_permutations", "patch_rotations", "rotations",
 ]  # fmt: skip
 
 #: ``form=`` values of :class:`TransformLabels`.
@@ -192,6 +192,83 @@ def colour_permutations() -> tuple[list[Transform], list[str]]:
     return [None] + [PermuteChannels(order) for order in orders[1:]], names
 
 
+class TransformSet:
+    """``K`` transforms of a batch, with their names: the views of a transformation task.
+
+    Makes the views (checking what each transform returns, and at its first use that it
+    acts within each sample) and orders the head's rows: each transform's rows in turn,
+    the identity's being the batch's own features. Shared by :class:`TransformLabels` and
+    :class:`~auxgen.GeneratedCellLabels`.
+
+    Args:
+        transforms: ``K >= 2`` batch-to-batch callables, ``None`` for the identity; default
+            the four rotations (a rotated square patch on non-square images).
+        names: a name per transform.
+
+    Example:
+        >>> views = TransformSet()
+        >>> views.names, views.all_views(torch.zeros(2, 3, 4, 4)).shape
+        (['rot0', 'rot90', 'rot180', 'rot270'], torch.Size([6, 3, 4, 4]))
+    """
+
+    def __init__(
+        self,
+        transforms: Optional[Sequence[Transform]] = None,
+        names: Optional[Sequence[str]] = None,
+    ) -> None:
+        if transforms is None:  # whole-image rotations, or a rotated patch on non-square images
+            transforms, default_names = rotations(patch="auto")
+            names = default_names if names is None else names
+        self.transforms, self.names = _check_transforms(transforms, names)
+        self.checked: set[int] = set()  # transforms checked to act within each sample
+
+    @property
+    def num_transforms(self) -> int:
+        """``K``."""
+        return len(self.transforms)
+
+    def apply(self, i: int, x: Tensor) -> Tensor:
+        """Transform ``i`` of the batch ``x``, checked."""
+        fn = self.transforms[i]
+        assert fn is not None
+        what = f"transforms[{i}] ({self.names[i]!r})"
+        if i not in self.checked and x.shape[0] > 1:
+            _check_within_samples(fn, x, what)
+            self.checked.add(i)
+        out = fn(x)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{what} must return a Tensor, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(
+                f"{what} returned shape {tuple(out.shape)} for a batch of shape "
+                f"{tuple(x.shape)}: every transform must keep the batch's shape (rotations "
+                "need square images)"
+            )
+        if out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"{what} returned {out.dtype} on {out.device} for a batch of {x.dtype} on "
+                f"{x.device}: every transform must keep the batch's dtype and device"
+            )
+        return out
+
+    def all_views(self, x: Tensor) -> Optional[Tensor]:
+        """The batch under every transform but the identity, in order (``None`` if none)."""
+        made = [self.apply(i, x) for i, fn in enumerate(self.transforms) if fn is not None]
+        return torch.cat(made) if made else None
+
+    def rows(self, ident: Tensor, h_views: Optional[Tensor]) -> Tensor:
+        """The head's rows: each transform's ``n`` rows in order (identity: ``ident``)."""
+        n, chunks, at = ident.shape[0], [], 0
+        for fn in self.transforms:
+            if fn is None:
+                chunks.append(ident)
+            else:
+                assert h_views is not None
+                chunks.append(h_views[at : at + n])
+                at += n
+        return torch.cat(chunks)
+
+
 @dataclass
 class _Rows:
     """A plan's head rows: the primary label of each, and which images of the batch made
@@ -256,18 +333,14 @@ class TransformLabels(AuxiliaryTask):
         *,
         form: str = "both",
         views: str = "all",
-        weight: float = 1.0,
+        weight: Union[float, TaskWeight] = 1.0,
         distill: float = 0.0,
         distill_temperature: float = 1.0,
         primary_views: bool = False,
         fraction: float = 1.0,
     ) -> None:
         super().__init__(weight=weight)
-        if transforms is None:  # whole-image rotations, or a rotated patch on non-square images
-            transforms, default_names = rotations(patch="auto")
-            names = default_names if names is None else names
-        self.transforms, self.names = _check_transforms(transforms, names)
-        self.num_transforms = len(self.transforms)
+        self.transform_set = TransformSet(transforms, names)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         if views not in VIEWS:
@@ -293,13 +366,32 @@ class TransformLabels(AuxiliaryTask):
             raise ValueError(f"distill needs every image's views: fraction=1, got {fraction}")
         self.fraction = float(fraction)
         self.num_classes = 0
-        self._checked: set[int] = set()  # transforms checked to act within each sample
+
+    @property
+    def transforms(self) -> list[Transform]:
+        """The ``K`` transforms (``None``: the identity)."""
+        return self.transform_set.transforms
+
+    @property
+    def names(self) -> list[str]:
+        """The transforms' names."""
+        return self.transform_set.names
+
+    @property
+    def num_transforms(self) -> int:
+        """``K``."""
+        return self.transform_set.num_transforms
+
+    def all_views(self, x: Tensor) -> Optional[Tensor]:
+        """The batch under every transform but the identity, in order (``None`` if none)."""
+        return self.transform_set.all_views(x)
 
     def setup(self, ctx: TaskContext) -> None:
         self.num_classes = ctx.num_classes
+
+    def outputs(self, ctx: TaskContext) -> list[int]:
         k, c = self.num_transforms, ctx.num_classes
-        groups = {"joint": [c * k], "predict": [k], "both": [c * k, k]}[self.form]
-        self._set_outputs(groups)
+        return {"joint": [c * k], "predict": [k], "both": [c * k, k]}[self.form]
 
     # ---------------------------------------------------------------- the step
     def plan(self, x: Tensor, y: Tensor, aux_target: Optional[Tensor]) -> TaskPlan:
@@ -321,37 +413,9 @@ class TransformLabels(AuxiliaryTask):
             for i in range(k_all):
                 rows = (ks == i).nonzero().flatten().to(x.device)
                 if rows.numel() and self.transforms[i] is not None:
-                    views[rows] = self._transform(i, x[rows])
+                    views[rows] = self.transform_set.apply(i, x[rows])
         targets = self._targets(y_rows, ks)
         return TaskPlan(views=views, targets=targets, info=_Rows(y_rows, subset))
-
-    def all_views(self, x: Tensor) -> Optional[Tensor]:
-        """The batch under every transform but the identity, in order (``None`` if none)."""
-        made = [self._transform(i, x) for i, fn in enumerate(self.transforms) if fn is not None]
-        return torch.cat(made) if made else None
-
-    def _transform(self, i: int, x: Tensor) -> Tensor:
-        fn = self.transforms[i]
-        assert fn is not None
-        what = f"transforms[{i}] ({self.names[i]!r})"
-        if i not in self._checked and x.shape[0] > 1:
-            _check_within_samples(fn, x, what)
-            self._checked.add(i)
-        out = fn(x)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{what} must return a Tensor, got {type(out).__name__}")
-        if out.shape != x.shape:
-            raise ValueError(
-                f"{what} returned shape {tuple(out.shape)} for a batch of shape "
-                f"{tuple(x.shape)}: every transform must keep the batch's shape (rotations "
-                "need square images)"
-            )
-        if out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(
-                f"{what} returned {out.dtype} on {out.device} for a batch of {x.dtype} on "
-                f"{x.device}: every transform must keep the batch's dtype and device"
-            )
-        return out
 
     def _targets(self, y_rows: Tensor, ks: Tensor) -> Tensor:
         k_all = self.num_transforms
@@ -368,19 +432,7 @@ class TransformLabels(AuxiliaryTask):
             return h_views
         subset = plan.info.subset if isinstance(plan.info, _Rows) else None
         ident = h if subset is None else h[subset]  # the identity's rows: the batch's own
-        return self._order(ident, h_views, ident.shape[0])
-
-    def _order(self, ident: Tensor, h_views: Optional[Tensor], n: int) -> Tensor:
-        """The head's rows: each transform's ``n`` rows in order (identity: ``ident``)."""
-        chunks, at = [], 0
-        for fn in self.transforms:
-            if fn is None:
-                chunks.append(ident)
-            else:
-                assert h_views is not None
-                chunks.append(h_views[at : at + n])
-                at += n
-        return torch.cat(chunks)
+        return self.transform_set.rows(ident, h_views)
 
     def extra_loss(
         self, plan: TaskPlan, z_p: Tensor, z_views: Optional[Tensor], z: Tensor
@@ -410,22 +462,23 @@ class TransformLabels(AuxiliaryTask):
         joint = F.log_softmax(widen(z[:, : c * k_all]), dim=1).view(k_all, n, c, k_all)
         return torch.stack([joint[i, :, :, i] for i in range(k_all)]).mean(0)
 
-    def aggregated_log_probs(
-        self, features: Callable[[Tensor], Tensor], head: nn.Module, x: Tensor
-    ) -> Tensor:
+    def aggregated_log_probs(self, features: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """SLA's aggregated prediction ``(N, C)`` of a batch: its argmax is the class.
 
         Args:
             features: maps a batch to the classifier's input features (the labeler's
                 ``features(x)[1]``).
-            head: this task's auxiliary head.
             x: the batch.
         """
+        assert self.head is not None, "attach the task to a labeler first"
         if self.form == "predict":
             raise ValueError("aggregated_log_probs needs a joint head (form='joint' or 'both')")
         n = x.shape[0]
-        views = [x if fn is None else self._transform(i, x) for i, fn in enumerate(self.transforms)]
-        return self._aggregate(head(features(torch.cat(views))), n)
+        views = [
+            x if fn is None else self.transform_set.apply(i, x)
+            for i, fn in enumerate(self.transforms)
+        ]
+        return self._aggregate(self.head(features(torch.cat(views))), n)
 
     def extra_repr(self) -> str:
         return (
