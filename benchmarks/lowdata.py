@@ -163,9 +163,7 @@ for _net, _backbone in (("cnn", CNN), ("r20", ["--backbone", "cifar_resnet20"]))
         ["single"],
     )  # fmt: skip
     _ft = ["--dataset", "cifar50b", *_backbone, *AUG, "--init", PRETRAINED.format(_net)]
-    REGIMES[f"ft_{_net}"] = (
-        [*_ft, "--epochs", "30"], ["single", "transform", "transform-onehalf"]
-    )
+    REGIMES[f"ft_{_net}"] = ([*_ft, "--epochs", "30"], ["single", "transform", "transform-onehalf"])
     for _epochs in (60, 120):
         REGIMES[f"ft_{_net}_e{_epochs}"] = ([*_ft, "--epochs", str(_epochs)], ["single"])
 # The MNIST / Fashion-MNIST regimes with the small CNN instead of the MLP.
