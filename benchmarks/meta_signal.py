@@ -92,7 +92,7 @@ def label_gradient(
     buffer, weight decay; no dampening or Nesterov) on the multi-task loss of ``(x, y)``
     with soft auxiliary labels ``t``; the auxiliary logits are those of ``x`` at the current
     parameters (detached). Computed here without the library's meta machinery (an
-    independent check of it: see ``tests/test_meta_signal.py``). Parameters, buffers and
+    independent check of it: see ``tests/benchmarks/test_meta_signal.py``). Parameters, buffers and
     the optimiser's state are left as they were.
 
     Raises:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Callable
+
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: The repository's root folder, and the folder of the tests' data files.
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
 
 
 class TinyConvNet(nn.Module):
@@ -64,8 +72,6 @@ def torchrun_cmd(nproc: int, log_dir, *, standalone: bool = True) -> list[str]:
 
 def rank_logs(log_dir) -> dict[tuple[int, int], str]:
     """``{(attempt, local rank): stdout + stderr}`` of the workers of a :func:`torchrun_cmd` job."""
-    from pathlib import Path
-
     logs: dict[tuple[int, int], str] = {}
     for err in sorted(Path(log_dir).glob("*/attempt_*/*/stderr.log")):
         attempt, rank = int(err.parent.parent.name.split("_")[1]), int(err.parent.name)
@@ -109,3 +115,83 @@ def spawn_ranks(worker, tmp, world: int = 2, timeout: float = 180.0) -> list:
         f"exit codes {[p.exitcode for p in procs]}\n{errors}"
     )
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def sgd_opts(lab, lr: float = 0.1):
+    """SGD with momentum over the labeler's model parameters, SGD over its generator's."""
+    opt = torch.optim.SGD(lab.model_parameters(), lr=lr, momentum=0.9)
+    gen_opt = torch.optim.SGD(lab.generator_parameters(), lr=1e-2)
+    return opt, gen_opt
+
+
+def images(n: int = 6, num_classes: int = 3, seed: int = 0):
+    """:func:`batch` of ``n`` random 3x4x4 images (the input of :class:`Wrapped`)."""
+    return batch(n, num_classes, (3, 4, 4), seed)
+
+
+class Wrapped(nn.Module):
+    """A body, a classifier ``fc``, and an output that puts the features first."""
+
+    def __init__(self, pack: Callable[[Tensor, Tensor], Any]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.Tanh())
+        self.fc = nn.Linear(5, 3)
+        self.pack = pack
+
+    def forward(self, x: Tensor) -> Any:
+        h = self.body(x)
+        return self.pack(h, self.fc(h))
+
+
+def temporaries(folder) -> list[str]:
+    """Names of the checkpoint writer's temporary files left anywhere under ``folder``."""
+    from auxgen.checkpoint import TEMP_PREFIX
+
+    return [p.name for p in Path(folder).rglob(f"{TEMP_PREFIX}*")]
+
+
+# ------------------------------------------------ a rotation task written out by hand
+#: Batch size, primary classes and transforms (the four rotations) of the hand-written task.
+ROT_N, ROT_C, ROT_K = 6, 3, 4
+
+
+def rot_model(bn: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(3 * 4 * 4, 5)]
+    if bn:
+        layers.append(nn.BatchNorm1d(5))
+    layers += [nn.Tanh(), nn.Linear(5, ROT_C)]
+    return nn.Sequential(*layers).double()
+
+
+def rot_batch(seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROT_N, 3, 4, 4, generator=g, dtype=torch.float64)
+    return x, torch.arange(ROT_N) % ROT_C
+
+
+def rot(x: Tensor, k: int) -> Tensor:
+    return torch.rot90(x, k, dims=(2, 3))
+
+
+def rot_hand_loss(params: dict, x, y, views, ks, form, weight):
+    """The multi-task loss written out: primary CE on x, joint and/or rotation CE on views."""
+    h_views = torch.tanh(views.flatten(1) @ params["1.weight"].T + params["1.bias"])
+    h = torch.tanh(x.flatten(1) @ params["1.weight"].T + params["1.bias"])
+    z_p = h @ params["3.weight"].T + params["3.bias"]
+    a = h_views @ params["head.weight"].T + params["head.bias"]
+    primary = F.cross_entropy(z_p, y)
+    y_rows = y.repeat(len(views) // len(y)) if len(views) != len(y) else y
+    aux = 0.0
+    if form in ("joint", "both"):
+        aux = aux + F.cross_entropy(a[:, : ROT_C * ROT_K], y_rows * ROT_K + ks)
+    if form in ("predict", "both"):
+        aux = aux + F.cross_entropy(a[:, -ROT_K:], ks)
+    return primary + weight * aux, primary, aux
+
+
+def rot_params(lab) -> dict:
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in lab.model.named_parameters()}
+    p["head.weight"] = lab.aux_head.weight.detach().clone().requires_grad_(True)
+    p["head.bias"] = lab.aux_head.bias.detach().clone().requires_grad_(True)
+    return p

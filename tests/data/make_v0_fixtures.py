@@ -1,5 +1,6 @@
-"""Writes the checkpoints that tests/test_compat.py loads: written by auxgen 0.1.0 as it was
-before ``AuxiliaryLabeler`` composed auxiliary tasks (state-dict keys ``aux_head.*``,
+"""Writes the checkpoints that tests/library/test_checkpoint.py (the labeler's) and
+tests/harness/test_runner.py (the run's) load: written by auxgen 0.1.0 as it was before
+``AuxiliaryLabeler`` composed auxiliary tasks (state-dict keys ``aux_head.*``,
 ``generator.*``, ``owner``). Kept to show how the fixtures were made; it runs only against
 that version's API (``AuxiliaryLabeler(model, psi, generator=..., entropy_weight=...)``).
 
@@ -82,7 +83,7 @@ def run_fixture() -> None:
     (HERE / "run_v0_results.json").write_text(json.dumps(keep, indent=1))
 
 
-def RUN_CONFIG(cls, out):  # noqa: N802 - the same config in tests/test_compat.py
+def RUN_CONFIG(cls, out):  # noqa: N802 - the same config in tests/harness/test_runner.py
     return cls(
         dataset="digits",
         method="maxl",
