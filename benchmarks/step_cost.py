@@ -84,6 +84,13 @@ CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     # (meta_step,) opt.step(), against labeler.step for the same task
     "transform_loss": {"transform": {"views": "all"}, "loop": "loss"},
     "head_second_order_loss": {"meta": "second_order", "generator": "head", "loop": "loss"},
+    # cheaper forms of the rotation task: one view on half of each batch, every view on a
+    # sixth of it; rotations of a square patch (any image shape); and the control of plain
+    # training on four copies of each image (batch augmentation), all in the loss form
+    "transform_onehalf": {"transform": {"views": "one", "fraction": 0.5}, "loop": "loss"},
+    "transform_sixth": {"transform": {"views": "all", "fraction": 1 / 6}, "loop": "loss"},
+    "transform_patch": {"transform": {"patch": 0.5}, "loop": "loss"},
+    "batchaug": {"batch_views": 4},
 }
 
 #: Time-ratio targets (MAXL step / single-task step).
@@ -173,11 +180,16 @@ def build_runner(
         GeneratedLabels,
         LearnedWeight,
         TransformLabels,
+        patch_rotations,
     )
 
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes, image_size).to(x.device).train()
     kwargs = CONFIGS[config]
+    if kwargs is not None and "batch_views" in kwargs:  # plain training on k copies
+        k = kwargs["batch_views"]
+        x, y = x.repeat(k, *([1] * (x.dim() - 1))), y.repeat(k)
+        kwargs = None
     if kwargs is None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -196,6 +208,9 @@ def build_runner(
     loop = options.pop("loop", "step")
     tasks: list[Any] = []
     if transform is not None:
+        transform = dict(transform)
+        if "patch" in transform:
+            transform["transforms"] = patch_rotations(transform.pop("patch"))[0]
         task = TransformLabels(**transform)
         tasks.append(LearnedWeight(task) if learned_weight else task)
     if cells is not None:
@@ -323,6 +338,7 @@ def run_benchmark(
     seed: int = 0,
     memory: bool = True,
     progress: bool = True,
+    image_size: int = 32,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Time and measure every configuration for every model; see the module docstring.
 
@@ -340,10 +356,19 @@ def run_benchmark(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for model_name in model_names:
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+        x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
         y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
         runners = {
-            c: build_runner(model_name, c, x, y, num_classes=num_classes, psi=psi, seed=seed)
+            c: build_runner(
+                model_name,
+                c,
+                x,
+                y,
+                num_classes=num_classes,
+                psi=psi,
+                seed=seed,
+                image_size=image_size,
+            )  # fmt: skip
             for c in configs
         }
         single_times: list[float] = []
@@ -803,6 +828,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="vgg16,resnet18,resnet10t", help="comma-separated")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32, help="height and width of the inputs")
     p.add_argument("--num-classes", type=int, default=20)
     p.add_argument("--psi", type=int, default=5, help="auxiliary classes per primary class")
     p.add_argument("--repeats", type=int, default=5, help="measured round-robin rounds")
@@ -875,6 +901,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             steps=args.steps,
             memory=not args.no_memory,
             progress=not args.no_progress,
+            image_size=args.image_size,
             **common,  # type: ignore[arg-type]
         )
         report["results"] = results

@@ -28,6 +28,10 @@ CONFIGS = (
     "transform_autol",
     "transform_loss",
     "head_second_order_loss",
+    "transform_onehalf",
+    "transform_sixth",
+    "transform_patch",
+    "batchaug",
 )
 
 

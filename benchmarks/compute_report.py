@@ -1,0 +1,215 @@
+"""Accuracy against compute: each method at several budgets, up to convergence.
+
+Reads low-data summaries (``lowdata.py``'s ``docs/results/<regime>.json``) of one setting
+run at several epoch budgets (``cifar10cnn5_aug`` at 60 epochs, ``cifar10cnn5_aug_e120``,
+``_e240``, ...) and, per method and budget, reports the test and validation accuracy over
+seeds, the compute (forward-backward image passes: epochs x training images x the images a
+step forwards per training image, hardware-independent; and the measured training time on
+the machine that ran it) and two numbers per method against single-task training:
+
+* **the gain at equal compute**: at each of the method's budgets, the method against
+  single-task training given at most the same compute, each at the budget (within that
+  compute) its *validation* accuracy prefers;
+* **the gain at convergence**: each at the budget its validation accuracy prefers, however
+  much compute that takes.
+
+Differences are paired by seed where both sides ran the same seeds. Writes a markdown table
+(stdout, ``--md``), the numbers as JSON (``--json``) and a figure of test accuracy against
+compute, one curve per method (``--plot``).
+
+Usage::
+
+    python benchmarks/compute_report.py docs/results/cifar10cnn5_aug*.json \\
+        --md docs/results/compute.md --json docs/results/compute.json \\
+        --plot docs/img/compute.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+#: Images a step forwards per training image, by method label (the batch and its views).
+PASSES: dict[str, float] = {
+    "single": 1.0, "human": 1.0, "random": 1.0, "kmeans": 1.0, "maxl-copy": 1.0,
+    "transform": 4.0, "transform-joint": 4.0, "transform-predict": 4.0, "transform-sd": 4.0,
+    "transform-patch": 4.0, "transform-pviews": 4.0, "transform-one": 2.0,
+    "transform-onehalf": 1.5, "transform-sixth": 1.5, "batchaug": 4.0,
+}  # fmt: skip
+
+
+def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
+    """method -> epochs -> {seeds: {seed: (test, val)}, passes, train_s} from the runs."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for summary in summaries:
+        for r in summary["runs"]:
+            label, cfg = r["label"], r["config"]
+            if label not in PASSES:
+                continue
+            epochs = int(cfg["epochs"])
+            p = out.setdefault(label, {}).setdefault(
+                epochs, {"seeds": {}, "train_s": [], "num_train": r.get("num_train")}
+            )
+            p["seeds"][int(cfg["seed"])] = (r["final_test_accuracy"], r["final_val_accuracy"])
+            p["train_s"].append(r.get("train_time_s") or 0.0)
+    for label, budgets in out.items():
+        for epochs, p in budgets.items():
+            p["passes"] = epochs * (p["num_train"] or 0) * PASSES[label]
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return statistics.fmean(xs)
+
+
+def _sd(xs: Sequence[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _val(p: dict) -> float:
+    return _mean([v for _, v in p["seeds"].values()])
+
+
+def _test(p: dict) -> float:
+    return _mean([t for t, _ in p["seeds"].values()])
+
+
+def best_within(budgets: dict[int, dict], compute: float) -> Optional[int]:
+    """The budget (epochs) validation prefers among those of at most ``compute`` passes."""
+    fit = [e for e, p in budgets.items() if p["passes"] <= compute * (1 + 1e-9)]
+    return max(fit, key=lambda e: _val(budgets[e])) if fit else None
+
+
+def difference(a: dict, b: dict) -> dict[str, Any]:
+    """Test difference ``a - b``: paired by seed when they share seeds, else unpaired."""
+    shared = sorted(set(a["seeds"]) & set(b["seeds"]))
+    if shared:
+        d = [a["seeds"][s][0] - b["seeds"][s][0] for s in shared]
+        return {"mean": _mean(d), "sd": _sd(d), "seeds": shared, "paired": True}
+    return {"mean": _test(a) - _test(b), "sd": None, "seeds": [], "paired": False}
+
+
+def gains(data: dict[str, dict[int, dict]], base: str = "single") -> dict[str, Any]:
+    """Per method: the gain at equal compute at each of its budgets, and at convergence."""
+    ref = data.get(base)
+    out: dict[str, Any] = {}
+    if not ref:
+        return out
+    ref_best = max(ref, key=lambda e: _val(ref[e]))
+    for label, budgets in data.items():
+        if label == base:
+            continue
+        equal = []
+        for epochs in sorted(budgets):
+            p = budgets[epochs]
+            r = best_within(ref, p["passes"])
+            if r is None:
+                continue
+            diff = difference(p, ref[r])
+            equal.append({"epochs": epochs, "passes": p["passes"], f"{base}_epochs": r, **diff})
+        best = max(budgets, key=lambda e: _val(budgets[e]))
+        conv = difference(budgets[best], ref[ref_best])
+        out[label] = {
+            "equal_compute": equal,
+            "convergence": {"epochs": best, f"{base}_epochs": ref_best, **conv},
+        }
+    return out
+
+
+def _pm(mean: float, sd: Optional[float], scale: float = 100.0) -> str:
+    return f"{scale * mean:+.2f}" + ("" if sd is None else f" ± {scale * sd:.2f}")
+
+
+def table(data: dict[str, dict[int, dict]], result: dict[str, Any]) -> str:
+    """The markdown tables: every point, then the gains."""
+    lines = [
+        "| method | epochs | seeds | test % | val % | image passes (M) | train time / run (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, budgets in data.items():
+        for epochs in sorted(budgets):
+            p = budgets[epochs]
+            tests = [100 * t for t, _ in p["seeds"].values()]
+            vals = [100 * v for _, v in p["seeds"].values()]
+            lines.append(
+                f"| {label} | {epochs} | {len(tests)} | {_mean(tests):.2f} ± {_sd(tests):.2f} | "
+                f"{_mean(vals):.1f} ± {_sd(vals):.1f} | {p['passes'] / 1e6:.2f} | "
+                f"{_mean(p['train_s']):.0f} |"
+            )
+    lines += ["", "| method | gain at equal compute (its epochs vs single's) | gain at "
+              "convergence (epochs chosen on validation) |", "|---|---|---|"]  # fmt: skip
+    for label, g in result.items():
+        eq = "; ".join(
+            f"{e['epochs']} vs {e['single_epochs']}: {_pm(e['mean'], e['sd'])}"
+            for e in g["equal_compute"]
+        )
+        c = g["convergence"]
+        lines.append(
+            f"| {label} | {eq or '-'} | {c['epochs']} vs {c['single_epochs']}: "
+            f"{_pm(c['mean'], c['sd'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, dict[int, dict]], path: Path) -> None:
+    """Test accuracy against image passes, one curve per method (error bars: seed sd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, budgets in data.items():
+        es = sorted(budgets)
+        xs = [budgets[e]["passes"] / 1e6 for e in es]
+        ys = [100 * _test(budgets[e]) for e in es]
+        sds = [100 * _sd([t for t, _ in budgets[e]["seeds"].values()]) for e in es]
+        ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=label)
+        for x, y, e in zip(xs, ys, es):
+            ax.annotate(f"{e}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("compute: forward-backward image passes (millions, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy against compute (numbers: epochs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("summaries", nargs="+", help="lowdata.py summaries of one setting")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every known method")
+    p.add_argument("--md", help="write the tables here")
+    p.add_argument("--json", help="write the points and gains here")
+    p.add_argument("--plot", help="write the figure here (PNG)")
+    a = p.parse_args(argv)
+    data = points([json.loads(Path(f).read_text()) for f in a.summaries])
+    if a.methods:
+        data = {k: v for k, v in data.items() if k in a.methods}
+    result = gains(data)
+    text = table(data, result)
+    print(text)
+    if a.md:
+        Path(a.md).write_text(text + "\n")
+    if a.json:
+        flat = {
+            label: {str(e): {**p, "seeds": {str(s): v for s, v in p["seeds"].items()}}
+                    for e, p in budgets.items()}
+            for label, budgets in data.items()
+        }  # fmt: skip
+        Path(a.json).write_text(json.dumps({"points": flat, "gains": result}, indent=1) + "\n")
+    if a.plot:
+        plot(data, Path(a.plot))
+    return result
+
+
+if __name__ == "__main__":
+    main()

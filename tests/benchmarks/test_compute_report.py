@@ -1,0 +1,89 @@
+"""``benchmarks/compute_report.py``: accuracy against compute, gains at equal compute and at
+convergence, on made-up summaries whose answers are known."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from helpers import ROOT
+
+
+def _module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "compute_report", ROOT / "benchmarks" / "compute_report.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(label: str, epochs: int, tests: list[float], vals: list[float]) -> dict:
+    runs = [
+        {
+            "label": label,
+            "config": {"epochs": epochs, "seed": seed},
+            "final_test_accuracy": t,
+            "final_val_accuracy": v,
+            "train_time_s": 10.0 * epochs,
+            "num_train": 100,
+        }  # fmt: skip
+        for seed, (t, v) in enumerate(zip(tests, vals))
+    ]
+    return {"runs": runs}
+
+
+SUMMARIES = [
+    _summary("single", 60, [0.50, 0.52], [0.48, 0.50]),
+    _summary("single", 120, [0.53, 0.55], [0.51, 0.53]),
+    _summary("single", 240, [0.54, 0.54], [0.50, 0.50]),  # validation prefers 120
+    _summary("transform", 60, [0.56, 0.57], [0.55, 0.55]),
+    _summary("transform", 120, [0.57, 0.59], [0.54, 0.54]),  # validation prefers 60
+    _summary("transform-onehalf", 60, [0.52, 0.53], [0.50, 0.51]),
+]
+
+
+def test_points_gains_and_outputs(tmp_path: Path) -> None:
+    report = _module()
+    data = report.points(SUMMARIES)
+    assert data["transform"][60]["passes"] == 60 * 100 * 4  # four images a step per image
+    assert data["transform-onehalf"][60]["passes"] == 60 * 100 * 1.5
+    assert report.best_within(data["single"], 60 * 100 * 4) == 120  # 60, 120, 240 fit
+    gains = report.gains(data)
+    # transform at 60 epochs (24000 passes) against single at <= 24000 passes: 60, 120 or
+    # 240 (240 x 100 = 24000), the one validation prefers: 120
+    eq = gains["transform"]["equal_compute"][0]
+    assert eq["epochs"] == 60 and eq["single_epochs"] == 120 and eq["paired"]
+    assert eq["mean"] == pytest.approx(((0.56 - 0.53) + (0.57 - 0.55)) / 2)
+    # at convergence: transform at 60 (its best validation) against single at 120
+    conv = gains["transform"]["convergence"]
+    assert (conv["epochs"], conv["single_epochs"]) == (60, 120)
+    assert conv["mean"] == pytest.approx(0.025)
+    # the cheap form (9000 passes) may only compare with single at 60 (6000 passes)
+    assert gains["transform-onehalf"]["equal_compute"][0]["single_epochs"] == 60
+    summaries = []
+    for i, s in enumerate(SUMMARIES):
+        path = tmp_path / f"s{i}.json"
+        path.write_text(json.dumps(s))
+        summaries.append(str(path))
+    out = report.main(
+        [
+            *summaries,
+            "--md",
+            str(tmp_path / "t.md"),
+            "--json",
+            str(tmp_path / "c.json"),
+            "--plot",
+            str(tmp_path / "c.png"),
+        ]  # fmt: skip
+    )
+    assert out["transform"]["convergence"]["mean"] == pytest.approx(0.025)
+    text = (tmp_path / "t.md").read_text()
+    assert "| transform | 60 | 2 | 56.50 ± 0.71 |" in text and "+2.50 ± 0.71" in text
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["points"]["single"]["240"]["passes"] == 24000
+    assert (tmp_path / "c.png").stat().st_size > 0
