@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -256,41 +255,40 @@ def _assert_same_state(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+#: The victim: the CLI, with the harness's checkpoint writer replaced by one that SIGKILLs
+#: its own process right after the first checkpoint is on disk (a deterministic point, at
+#: any machine speed, instead of a watcher racing the training).
+_VICTIM = """
+import os, signal, sys
+import auxgen.experiments.checkpoints as checkpoints
+from auxgen.cli import main
+
+write = checkpoints.save_checkpoint
+
+def write_then_die(*args, **kwargs):
+    write(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoints.save_checkpoint = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     """Kill a training process right after its first checkpoint, resume it, and compare with
     an uninterrupted run of the same seed (CPU, deterministic algorithms, 1 thread)."""
     ref_out, out = tmp_path / "reference", tmp_path / "killed"
     run_dir, ref_dir = out / "maxl-copy" / "seed3", ref_out / "maxl-copy" / "seed3"
     ckpt = run_dir / "checkpoint.pt"
-    victim = subprocess.Popen(
-        _cli(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    killed = threading.Event()
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 90
-        while victim.poll() is None and time.monotonic() < deadline:
-            if ckpt.exists():
-                victim.send_signal(signal.SIGKILL)
-                killed.set()
-                return
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
-    try:
-        # the uninterrupted reference run, in this process, while the victim trains
-        assert main([*RUN_ARGS, "--out", str(ref_out)]) == 0
-        watcher.join(timeout=90)
-        _, err = victim.communicate(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.communicate()
-    assert killed.is_set(), f"no checkpoint appeared (exit {victim.returncode}): {err!r}"
+    victim = subprocess.run(
+        [sys.executable, "-c", _VICTIM, *RUN_ARGS, "--out", str(out)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
+    )  # fmt: skip
+    assert ckpt.exists(), f"no checkpoint (exit {victim.returncode}): {victim.stderr!r}"
     assert victim.returncode == -signal.SIGKILL
     killed_at = load_checkpoint(ckpt)["epoch"]
-    assert 1 <= killed_at < EPOCHS, f"killed too late (epoch {killed_at} of {EPOCHS})"
+    assert killed_at == 1 < EPOCHS  # killed right after the first epoch's checkpoint
+    assert main([*RUN_ARGS, "--out", str(ref_out)]) == 0  # the uninterrupted reference
     assert not (run_dir / "results.json").exists()
 
     assert main([*RUN_ARGS, "--out", str(out), "--resume"]) == 0
