@@ -60,37 +60,25 @@ def _render_default(value: Any) -> str:
     return str(value)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(low: int, expected: str) -> Callable[[str], int]:
+    """The type of an integer of at least ``low``; ``expected`` says so in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = low - 1
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """A seed: ``0`` or more (``random.seed(-1)`` would silently be ``random.seed(1)``)."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
-
-
-def _batch_size(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 2:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer of at least 2 (BatchNorm needs 2 samples a batch), got {text!r}"
-        )
-    return v
+_positive_int = _int_at_least(1, "a positive integer")
+#: a seed: ``0`` or more (``random.seed(-1)`` would silently be ``random.seed(1)``)
+_non_negative_int = _int_at_least(0, "a non-negative integer")
+_batch_size = _int_at_least(2, "an integer of at least 2 (BatchNorm needs 2 samples a batch)")
 
 
 #: Words that ask for the whole training set instead of a subset.
@@ -143,20 +131,7 @@ def _subset_or_fraction(text: str) -> Union[int, float, None]:
 def _fraction_upto(high: float) -> Callable[[str], float]:
     """The type of a fraction in ``[0, high]`` (the range :meth:`RunConfig.validate` allows)."""
 
-    def fraction(text: str) -> float:
-        v = _float(text)
-        if not 0.0 <= v <= high:
-            raise argparse.ArgumentTypeError(f"expected a fraction in [0, {high:g}], got {text!r}")
-        return v
-
-    return fraction
-
-
-def _momentum(text: str) -> float:
-    v = _float(text)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text!r}")
-    return v
+    return _float_where(lambda v: 0.0 <= v <= high, f"a fraction in [0, {high:g}]")
 
 
 def _float(text: str) -> float:
@@ -166,18 +141,21 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _positive_float(text: str) -> float:
-    v = _float(text)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
+def _float_where(test: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """The type of a number for which ``test`` holds; ``expected`` says which in the error."""
+
+    def parse(text: str) -> float:
+        v = _float(text)
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    v = _float(text)
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return v
+_momentum = _float_where(lambda v: 0.0 <= v < 1.0, "a momentum in [0, 1)")
+_positive_float = _float_where(lambda v: v > 0 and math.isfinite(v), "a positive number")
+_non_negative_float = _float_where(lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 
 
 def _add_common(p: argparse.ArgumentParser, threads_default: str) -> None:
