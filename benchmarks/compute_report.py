@@ -172,6 +172,10 @@ def plot(data: dict[str, dict[int, dict]], path: Path) -> None:
         for x, y, e in zip(xs, ys, es):
             ax.annotate(f"{e}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("compute: forward-backward image passes (millions, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy against compute (numbers: epochs)")
