@@ -62,6 +62,14 @@ def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
+#: The markdown file's title and provenance (the tables follow).
+HEADER = (
+    "# Accuracy against compute\n\n"
+    "Written by `benchmarks/compute_report.py` from the low-data summaries of one setting "
+    "(see [Results](../results.md)); the figure is `docs/img/compute.png`.\n\n"
+)
+
+
 def _mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs)
 
@@ -202,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     text = table(data, result)
     print(text)
     if a.md:
-        Path(a.md).write_text(text + "\n")
+        Path(a.md).write_text(HEADER + text + "\n")
     if a.json:
         flat = {
             label: {str(e): {**p, "seeds": {str(s): v for s, v in p["seeds"].items()}}
