@@ -83,6 +83,7 @@ def test_points_gains_and_outputs(tmp_path: Path) -> None:
     )
     assert out["transform"]["convergence"]["mean"] == pytest.approx(0.025)
     text = (tmp_path / "t.md").read_text()
+    assert text.startswith("# Accuracy against compute\n")  # a titled page for the docs
     assert "| transform | 60 | 2 | 56.50 ± 0.71 |" in text and "+2.50 ± 0.71" in text
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["points"]["single"]["240"]["passes"] == 24000
