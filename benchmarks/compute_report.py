@@ -11,7 +11,9 @@ the machine that ran it) and two numbers per method against single-task training
   single-task training given at most the same compute, each at the budget (within that
   compute) its *validation* accuracy prefers;
 * **the gain at convergence**: each at the budget its validation accuracy prefers, however
-  much compute that takes.
+  much compute that takes. It is marked as shown (``"converged"``) only where both sides
+  measured a longer budget that validation did not prefer; otherwise the curve may still be
+  rising and the table says so.
 
 Differences are paired by seed where both sides ran the same seeds. Writes a markdown table
 (stdout, ``--md``), the numbers as JSON (``--json``) and a figure of test accuracy against
@@ -121,9 +123,12 @@ def gains(data: dict[str, dict[int, dict]], base: str = "single") -> dict[str, A
             equal.append({"epochs": epochs, "passes": p["passes"], f"{base}_epochs": r, **diff})
         best = max(budgets, key=lambda e: _val(budgets[e]))
         conv = difference(budgets[best], ref[ref_best])
+        # validation's choice shows convergence only where a longer budget was measured
+        # and not preferred; at the longest budget run, the curve may still be rising
+        shown = best < max(budgets) and ref_best < max(ref)
         out[label] = {
             "equal_compute": equal,
-            "convergence": {"epochs": best, f"{base}_epochs": ref_best, **conv},
+            "convergence": {"epochs": best, f"{base}_epochs": ref_best, **conv, "converged": shown},
         }
     return out
 
@@ -156,9 +161,10 @@ def table(data: dict[str, dict[int, dict]], result: dict[str, Any]) -> str:
             for e in g["equal_compute"]
         )
         c = g["convergence"]
+        edge = "" if c["converged"] else " (not shown: a longest budget run was chosen)"
         lines.append(
             f"| {label} | {eq or '-'} | {c['epochs']} vs {c['single_epochs']}: "
-            f"{_pm(c['mean'], c['sd'])} |"
+            f"{_pm(c['mean'], c['sd'])}{edge} |"
         )
     return "\n".join(lines)
 

@@ -62,7 +62,9 @@ def test_points_gains_and_outputs(tmp_path: Path) -> None:
     # at convergence: transform at 60 (its best validation) against single at 120
     conv = gains["transform"]["convergence"]
     assert (conv["epochs"], conv["single_epochs"]) == (60, 120)
-    assert conv["mean"] == pytest.approx(0.025)
+    assert conv["mean"] == pytest.approx(0.025) and conv["converged"]
+    # one budget only: validation's choice is the longest run, so convergence is not shown
+    assert not gains["transform-onehalf"]["convergence"]["converged"]
     # the cheap form (9000 passes) may only compare with single at 60 (6000 passes)
     assert gains["transform-onehalf"]["equal_compute"][0]["single_epochs"] == 60
     summaries = []
@@ -84,6 +86,7 @@ def test_points_gains_and_outputs(tmp_path: Path) -> None:
     assert out["transform"]["convergence"]["mean"] == pytest.approx(0.025)
     text = (tmp_path / "t.md").read_text()
     assert text.startswith("# Accuracy against compute\n")  # a titled page for the docs
+    assert "| transform-onehalf |" in text and "(not shown: a longest budget run" in text
     assert "| transform | 60 | 2 | 56.50 ± 0.71 |" in text and "+2.50 ± 0.71" in text
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["points"]["single"]["240"]["passes"] == 24000
