@@ -68,7 +68,10 @@ def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
 HEADER = (
     "# Accuracy against compute\n\n"
     "Written by `benchmarks/compute_report.py` from the low-data summaries of one setting "
-    "(see [Results](../results.md)); the figure is `docs/img/compute.png`.\n\n"
+    "(see [Results](../results.md)); the figure is `docs/img/compute.png`. Image passes "
+    "do not depend on the hardware; the training time is as measured on the machine that "
+    "ran each summary, with other runs sharing its cores, so it compares only rows run "
+    "together.\n\n"
 )
 
 
