@@ -64,15 +64,17 @@ def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
-#: The markdown file's title and provenance (the tables follow).
-HEADER = (
-    "# Accuracy against compute\n\n"
-    "Written by `benchmarks/compute_report.py` from the low-data summaries of one setting "
-    "(see [Results](../results.md)); the figure is `docs/img/compute.png`. Image passes "
-    "do not depend on the hardware; the training time is as measured on the machine that "
-    "ran each summary, with other runs sharing its cores, so it compares only rows run "
-    "together.\n\n"
-)
+def header(title: str = "Accuracy against compute", figure: Optional[str] = None) -> str:
+    """The markdown file's title and provenance (the tables follow)."""
+    fig = f"; the figure is `{figure}`" if figure else ""
+    return (
+        f"# {title}\n\n"
+        "Written by `benchmarks/compute_report.py` from the low-data summaries of one setting "
+        f"(see [Results](../results.md)){fig}. Image passes "
+        "do not depend on the hardware; the training time is as measured on the machine that "
+        "ran each summary, with other runs sharing its cores, so it compares only rows run "
+        "together.\n\n"
+    )
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -172,7 +174,9 @@ def table(data: dict[str, dict[int, dict]], result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(data: dict[str, dict[int, dict]], path: Path) -> None:
+def plot(
+    data: dict[str, dict[int, dict]], path: Path, title: str = "Accuracy against compute"
+) -> None:
     """Test accuracy against image passes, one curve per method (error bars: seed sd)."""
     import matplotlib
 
@@ -195,7 +199,7 @@ def plot(data: dict[str, dict[int, dict]], path: Path) -> None:
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("compute: forward-backward image passes (millions, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against compute (numbers: epochs)")
+    ax.set_title(f"{title} (numbers: epochs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -211,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--md", help="write the tables here")
     p.add_argument("--json", help="write the points and gains here")
     p.add_argument("--plot", help="write the figure here (PNG)")
+    p.add_argument("--title", default="Accuracy against compute", help="the markdown's title")
     a = p.parse_args(argv)
     data = points([json.loads(Path(f).read_text()) for f in a.summaries])
     if a.methods:
@@ -219,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     text = table(data, result)
     print(text)
     if a.md:
-        Path(a.md).write_text(HEADER + text + "\n")
+        Path(a.md).write_text(header(a.title, a.plot) + text + "\n")
     if a.json:
         flat = {
             label: {str(e): {**p, "seeds": {str(s): v for s, v in p["seeds"].items()}}
@@ -228,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         }  # fmt: skip
         Path(a.json).write_text(json.dumps({"points": flat, "gains": result}, indent=1) + "\n")
     if a.plot:
-        plot(data, Path(a.plot))
+        plot(data, Path(a.plot), a.title)
     return result
 
 

@@ -91,3 +91,17 @@ def test_points_gains_and_outputs(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["points"]["single"]["240"]["passes"] == 24000
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_title_names_the_page_and_its_figure(tmp_path):
+    path = tmp_path / "s0.json"
+    path.write_text(json.dumps(SUMMARIES[0]))
+    md = tmp_path / "ft.md"
+    report = _module()
+    report.main([str(path), "--md", str(md), "--title", "Fine-tuning: accuracy against compute"])
+    text = md.read_text()
+    assert text.startswith("# Fine-tuning: accuracy against compute\n\nWritten by")
+    assert "the figure is" not in text  # no --plot, no figure named
+    report.main([str(path), "--md", str(md), "--plot", str(tmp_path / "f.png")])
+    assert md.read_text().startswith("# Accuracy against compute\n")
+    assert f"the figure is `{tmp_path / 'f.png'}`" in md.read_text()
