@@ -142,8 +142,8 @@ def _pm(mean: float, sd: Optional[float], scale: float = 100.0) -> str:
     return f"{scale * mean:+.2f}" + ("" if sd is None else f" ± {scale * sd:.2f}")
 
 
-def table(data: dict[str, dict[int, dict]], result: dict[str, Any]) -> str:
-    """The markdown tables: every point, then the gains."""
+def table(data: dict[str, dict[int, dict]], result: dict[str, Any], base: str = "single") -> str:
+    """The markdown tables: every point, then the gains against ``base`` (as :func:`gains`)."""
     lines = [
         "| method | epochs | seeds | test % | val % | image passes (M) | train time / run (s) |",
         "|---|---|---|---|---|---|---|",
@@ -158,17 +158,17 @@ def table(data: dict[str, dict[int, dict]], result: dict[str, Any]) -> str:
                 f"{_mean(vals):.1f} ± {_sd(vals):.1f} | {p['passes'] / 1e6:.2f} | "
                 f"{_mean(p['train_s']):.0f} |"
             )
-    lines += ["", "| method | gain at equal compute (its epochs vs single's) | gain at "
+    lines += ["", f"| method | gain at equal compute (its epochs vs {base}'s) | gain at "
               "convergence (epochs chosen on validation) |", "|---|---|---|"]  # fmt: skip
     for label, g in result.items():
         eq = "; ".join(
-            f"{e['epochs']} vs {e['single_epochs']}: {_pm(e['mean'], e['sd'])}"
+            f"{e['epochs']} vs {e[f'{base}_epochs']}: {_pm(e['mean'], e['sd'])}"
             for e in g["equal_compute"]
         )
         c = g["convergence"]
         edge = "" if c["converged"] else " (not shown: a longest budget run was chosen)"
         lines.append(
-            f"| {label} | {eq or '-'} | {c['epochs']} vs {c['single_epochs']}: "
+            f"| {label} | {eq or '-'} | {c['epochs']} vs {c[f'{base}_epochs']}: "
             f"{_pm(c['mean'], c['sd'])}{edge} |"
         )
     return "\n".join(lines)

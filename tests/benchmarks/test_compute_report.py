@@ -105,3 +105,17 @@ def test_title_names_the_page_and_its_figure(tmp_path):
     report.main([str(path), "--md", str(md), "--plot", str(tmp_path / "f.png")])
     assert md.read_text().startswith("# Accuracy against compute\n")
     assert f"the figure is `{tmp_path / 'f.png'}`" in md.read_text()
+
+
+def test_gains_against_another_base_name_it_in_the_table() -> None:
+    report = _module()
+    data = report.points(SUMMARIES)
+    res = report.gains(data, base="transform")
+    # single at 60 and 120 (6000, 12000 passes): no transform budget fits, so only single
+    # at 240 (24000) compares, with transform at 60 (24000), paired: 0.54-0.56, 0.54-0.57
+    [eq] = res["single"]["equal_compute"]
+    assert (eq["epochs"], eq["transform_epochs"]) == (240, 60)
+    assert eq["mean"] == pytest.approx(-0.025)
+    text = report.table(data, res, base="transform")
+    assert "gain at equal compute (its epochs vs transform's)" in text
+    assert "240 vs 60: -2.50 ± 0.71" in text
