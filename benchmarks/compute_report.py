@@ -64,7 +64,11 @@ def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
-def header(title: str = "Accuracy against compute", figure: Optional[str] = None) -> str:
+#: The default title of the markdown page and the figure.
+TITLE = "Accuracy against compute"
+
+
+def header(title: str = TITLE, figure: Optional[str] = None) -> str:
     """The markdown file's title and provenance (the tables follow)."""
     fig = f"; the figure is `{figure}`" if figure else ""
     return (
@@ -174,9 +178,7 @@ def table(data: dict[str, dict[int, dict]], result: dict[str, Any], base: str = 
     return "\n".join(lines)
 
 
-def plot(
-    data: dict[str, dict[int, dict]], path: Path, title: str = "Accuracy against compute"
-) -> None:
+def plot(data: dict[str, dict[int, dict]], path: Path, title: str = TITLE) -> None:
     """Test accuracy against image passes, one curve per method (error bars: seed sd)."""
     import matplotlib
 
@@ -215,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--md", help="write the tables here")
     p.add_argument("--json", help="write the points and gains here")
     p.add_argument("--plot", help="write the figure here (PNG)")
-    p.add_argument("--title", default="Accuracy against compute", help="the markdown's title")
+    p.add_argument("--title", default=TITLE, help="the title of the markdown page and the figure")
     a = p.parse_args(argv)
     data = points([json.loads(Path(f).read_text()) for f in a.summaries])
     if a.methods:

@@ -93,7 +93,7 @@ def test_points_gains_and_outputs(tmp_path: Path) -> None:
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_title_names_the_page_and_its_figure(tmp_path):
+def test_title_names_the_page_and_its_figure(tmp_path: Path) -> None:
     path = tmp_path / "s0.json"
     path.write_text(json.dumps(SUMMARIES[0]))
     md = tmp_path / "ft.md"
