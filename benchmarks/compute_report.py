@@ -97,10 +97,24 @@ def _test(p: dict) -> float:
     return _mean([t for t, _ in p["seeds"].values()])
 
 
+def preferred(budgets: dict[int, dict], epochs: Sequence[int]) -> int:
+    """The budget validation prefers among ``epochs``: the mean validation accuracy over the
+    seeds every one of them ran (budgets run on different seeds would otherwise be compared
+    on different splits and initialisations); over each budget's own seeds if none is shared.
+    """
+    shared = set.intersection(*(set(budgets[e]["seeds"]) for e in epochs))
+
+    def val(e: int) -> float:
+        seeds = budgets[e]["seeds"]
+        return _mean([seeds[s][1] for s in sorted(shared)]) if shared else _val(budgets[e])
+
+    return max(epochs, key=val)
+
+
 def best_within(budgets: dict[int, dict], compute: float) -> Optional[int]:
     """The budget (epochs) validation prefers among those of at most ``compute`` passes."""
     fit = [e for e, p in budgets.items() if p["passes"] <= compute * (1 + 1e-9)]
-    return max(fit, key=lambda e: _val(budgets[e])) if fit else None
+    return preferred(budgets, fit) if fit else None
 
 
 def difference(a: dict, b: dict) -> dict[str, Any]:
@@ -118,7 +132,7 @@ def gains(data: dict[str, dict[int, dict]], base: str = "single") -> dict[str, A
     out: dict[str, Any] = {}
     if not ref:
         return out
-    ref_best = max(ref, key=lambda e: _val(ref[e]))
+    ref_best = preferred(ref, list(ref))
     for label, budgets in data.items():
         if label == base:
             continue
@@ -130,7 +144,7 @@ def gains(data: dict[str, dict[int, dict]], base: str = "single") -> dict[str, A
                 continue
             diff = difference(p, ref[r])
             equal.append({"epochs": epochs, "passes": p["passes"], f"{base}_epochs": r, **diff})
-        best = max(budgets, key=lambda e: _val(budgets[e]))
+        best = preferred(budgets, list(budgets))
         conv = difference(budgets[best], ref[ref_best])
         # validation's choice shows convergence only where a longer budget was measured
         # and not preferred; at the longest budget run, the curve may still be rising

@@ -119,3 +119,22 @@ def test_gains_against_another_base_name_it_in_the_table() -> None:
     text = report.table(data, res, base="transform")
     assert "gain at equal compute (its epochs vs transform's)" in text
     assert "240 vs 60: -2.50 ± 0.71" in text
+
+
+def test_budgets_run_on_different_seeds_are_chosen_on_the_seeds_they_share() -> None:
+    report = _module()
+    # 60 epochs on seeds 0-1 (validation 0.50, 0.60: mean 0.55); 120 epochs on seed 0 only
+    # (0.52). Over each one's own seeds 60 wins (0.55 > 0.52); on the seed both ran, 120 does
+    # (0.52 > 0.50).
+    runs = _summary("transform", 60, [0.56, 0.57], [0.50, 0.60])["runs"]
+    runs += _summary("transform", 120, [0.58], [0.52])["runs"]
+    data = report.points([{"runs": runs}, SUMMARIES[0]])
+    assert report.preferred(data["transform"], [60, 120]) == 120
+    assert report.best_within(data["transform"], 60 * 100 * 4) == 60  # 120 does not fit
+    conv = report.gains(data)["transform"]["convergence"]
+    assert conv["epochs"] == 120 and conv["seeds"] == [0]  # paired with single on seed 0
+    assert conv["mean"] == pytest.approx(0.58 - 0.50)
+    # no seed in common: each budget's own mean (0.55 against 0.52)
+    runs[2]["config"]["seed"] = 5
+    data = report.points([{"runs": runs}])
+    assert report.preferred(data["transform"], [60, 120]) == 60
