@@ -255,10 +255,11 @@ _PER_RUN = ("seed", "method", *_LOCAL)
 def merge_summaries(*summaries: dict) -> dict:
     """One regime summary from several (e.g. seeds 0-2 from one session, 3-4 from the next).
 
-    Runs are keyed by (method, seed); a later summary's run replaces an earlier one's. Every
-    run of one method must have been made with the same settings (the config without the seed
-    and machine-local fields), otherwise the merge is refused: pairing seeds across different
-    settings would be wrong. Different methods may differ (e.g. in ``transform``).
+    Runs are keyed by (method, seed); a later summary's run replaces an earlier one's, so
+    merging a merged summary with the same runs again changes nothing. Every run of one method
+    must have been made with the same settings (the config without the seed and machine-local
+    fields), otherwise the merge is refused: pairing seeds across different settings would be
+    wrong. Different methods may differ (e.g. in ``transform``).
 
     Raises:
         ValueError: if ``summaries`` is empty, names different regimes, their regime settings
@@ -301,7 +302,10 @@ def merge_summaries(*summaries: dict) -> dict:
     out["methods"] = order
     out["seeds"] = sorted({r["config"]["seed"] for r in merged})
     out["summary"] = summarize(merged)
-    out["sweep_wall_time_s"] = sum(s.get("sweep_wall_time_s", 0.0) for s in summaries)
+    # the wall time of the runs kept (a sweep's own wall time would be counted again each
+    # time a merged summary is merged with more seeds)
+    out.pop("sweep_wall_time_s", None)
+    out["runs_wall_time_s"] = sum(r.get("wall_time_s", 0.0) for r in merged)
     return out
 
 

@@ -45,7 +45,10 @@ def test_merge_takes_the_union_recomputes_statistics_and_later_runs_win() -> Non
     assert single["label"] == "single" and single["accuracies"] == [0.40, 0.44, 0.48]
     assert single["accuracy_mean"] == pytest.approx(0.44)
     assert single["accuracy_std"] == pytest.approx(0.04)  # sample std of 0.40, 0.44, 0.48
-    assert m["sweep_wall_time_s"] == pytest.approx(10.0)
+    # the wall time of the five runs kept; merging the same runs again changes nothing
+    assert m["runs_wall_time_s"] == pytest.approx(50.0) and "sweep_wall_time_s" not in m
+    again = merge_summaries(m, b)
+    assert again["runs_wall_time_s"] == pytest.approx(50.0) and again["runs"] == m["runs"]
 
 
 def test_merge_refuses_runs_with_different_settings_and_regimes() -> None:
