@@ -156,8 +156,18 @@ def gains(data: dict[str, dict[int, dict]], base: str = "single") -> dict[str, A
     return out
 
 
-def _pm(mean: float, sd: Optional[float], scale: float = 100.0) -> str:
-    return f"{scale * mean:+.2f}" + ("" if sd is None else f" ± {scale * sd:.2f}")
+def _gain(d: dict[str, Any]) -> str:
+    """A difference from :func:`difference` in points, with the seeds it was paired on."""
+    mean, seeds = f"{100 * d['mean']:+.2f}", d["seeds"]
+    if not d["paired"]:
+        return f"{mean} (unpaired: no seed in common)"
+    if len(seeds) == 1:
+        return f"{mean} (seed {seeds[0]} only)"
+    return f"{mean} ± {100 * d['sd']:.2f} ({len(seeds)} seeds)"
+
+
+def _spread(xs: Sequence[float], digits: int) -> str:
+    return f"{_mean(xs):.{digits}f}" + (f" ± {_sd(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
 def table(data: dict[str, dict[int, dict]], result: dict[str, Any], base: str = "single") -> str:
@@ -172,22 +182,20 @@ def table(data: dict[str, dict[int, dict]], result: dict[str, Any], base: str = 
             tests = [100 * t for t, _ in p["seeds"].values()]
             vals = [100 * v for _, v in p["seeds"].values()]
             lines.append(
-                f"| {label} | {epochs} | {len(tests)} | {_mean(tests):.2f} ± {_sd(tests):.2f} | "
-                f"{_mean(vals):.1f} ± {_sd(vals):.1f} | {p['passes'] / 1e6:.2f} | "
+                f"| {label} | {epochs} | {len(tests)} | {_spread(tests, 2)} | "
+                f"{_spread(vals, 1)} | {p['passes'] / 1e6:.2f} | "
                 f"{_mean(p['train_s']):.0f} |"
             )
     lines += ["", f"| method | gain at equal compute (its epochs vs {base}'s) | gain at "
               "convergence (epochs chosen on validation) |", "|---|---|---|"]  # fmt: skip
     for label, g in result.items():
         eq = "; ".join(
-            f"{e['epochs']} vs {e[f'{base}_epochs']}: {_pm(e['mean'], e['sd'])}"
-            for e in g["equal_compute"]
+            f"{e['epochs']} vs {e[f'{base}_epochs']}: {_gain(e)}" for e in g["equal_compute"]
         )
         c = g["convergence"]
         edge = "" if c["converged"] else " (not shown: a longest budget run was chosen)"
         lines.append(
-            f"| {label} | {eq or '-'} | {c['epochs']} vs {c[f'{base}_epochs']}: "
-            f"{_pm(c['mean'], c['sd'])}{edge} |"
+            f"| {label} | {eq or '-'} | {c['epochs']} vs {c[f'{base}_epochs']}: {_gain(c)}{edge} |"
         )
     return "\n".join(lines)
 

@@ -87,7 +87,7 @@ def test_points_gains_and_outputs(tmp_path: Path) -> None:
     text = (tmp_path / "t.md").read_text()
     assert text.startswith("# Accuracy against compute\n")  # a titled page for the docs
     assert "| transform-onehalf |" in text and "(not shown: a longest budget run" in text
-    assert "| transform | 60 | 2 | 56.50 ± 0.71 |" in text and "+2.50 ± 0.71" in text
+    assert "| transform | 60 | 2 | 56.50 ± 0.71 |" in text and "+2.50 ± 0.71 (2 seeds)" in text
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["points"]["single"]["240"]["passes"] == 24000
     assert (tmp_path / "c.png").stat().st_size > 0
@@ -138,3 +138,17 @@ def test_budgets_run_on_different_seeds_are_chosen_on_the_seeds_they_share() -> 
     runs[2]["config"]["seed"] = 5
     data = report.points([{"runs": runs}])
     assert report.preferred(data["transform"], [60, 120]) == 60
+
+
+def test_table_names_the_seeds_a_gain_rests_on() -> None:
+    report = _module()
+    runs = _summary("transform", 60, [0.56, 0.57], [0.55, 0.55])["runs"]
+    runs += _summary("transform-one", 60, [0.52], [0.50])["runs"]  # seed 0 only
+    late = _summary("batchaug", 60, [0.51], [0.49])["runs"]
+    late[0]["config"]["seed"] = 7  # no seed in common with single
+    data = report.points([{"runs": runs + late}, SUMMARIES[0]])
+    text = report.table(data, report.gains(data))
+    assert "| transform-one | 60 | 1 | 52.00 | 50.0 |" in text  # one seed: no spread shown
+    assert "60 vs 60: +2.00 (seed 0 only)" in text  # 0.52 - 0.50 on seed 0
+    assert "60 vs 60: +0.00 (unpaired: no seed in common)" in text  # 0.51 - mean(0.50, 0.52)
+    assert "60 vs 60: +5.50 ± 0.71 (2 seeds)" in text
