@@ -17,13 +17,25 @@ Two parts, one JSON summary (``--out``), one log (``--log``) and a printed table
 **Time.** The whole command must fit ``--budget-s`` (default 420 s). After the step costs, the
 measured milliseconds of each method's step give the time of every run; the number of epochs
 is the largest (at most ``--epochs``) whose planned time fits what is left, and runs that
-would not fit are not started. The plan and the times actually taken are in the summary.
+would not fit are not started. With ``--min-epochs`` the plan keeps at least that many
+epochs and drops trailing seeds instead (a budget where single-task has converged matters
+more than a fifth seed). The plan and the times actually taken are in the summary.
 
 Usage::
 
     python benchmarks/gpu_data.py --data-dir ~/data --out gpu_payload --wheels  # here, first
     bash benchmarks/gpu_evidence.sh       # on the GPU machine: wheels, then this script
     python benchmarks/gpu_evidence.py --device cpu --smoke --data-dir gpu_payload/data
+
+At a converged budget (AuxiLearn's 100 classes, 100 epochs; single-task, the rotation task
+and its 1.5x form; step costs from the first command)::
+
+    bash benchmarks/gpu_evidence.sh --regimes fine100 --epochs 100 --min-epochs 100 \\
+        --methods single transform transform-onehalf --parallel 15 --speedup 1.8 \\
+        --step-costs-from docs/results/gpu_evidence.json --budget-s 400
+
+(``--speedup 1.8``: what ten parallel runs gained over one after another in
+``docs/results/gpu_evidence_long.json``: 333 s of planned runs took 182 s.)
 """
 
 from __future__ import annotations
@@ -73,6 +85,7 @@ STEP_CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "maxl_every4": {"meta": "second_order", "meta_every": 4, "generator": "copy"},
     "transform": {"transform": {"views": "all"}},
     "transform_one": {"transform": {"views": "one"}},
+    "transform_onehalf": {"transform": {"views": "one", "fraction": 0.5}},
 }
 #: Which step-cost configuration times each method's step (for the time plan).
 METHOD_STEP = {"single": "plain", "human": "plain", "random": "plain", "maxl-copy": "maxl_exact"}
@@ -179,9 +192,10 @@ def _measure(name, config, x, y, compile_, device, repeats, warmup, bf16) -> dic
 
 # -------------------------------------------------------------------------------- regimes
 def _units(a: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(regime, method, seed) of every run, seeds outermost (a deadline cuts whole seeds)."""
-    return [(r, m, s) for s in a.seeds for r, (_, methods) in REGIMES.items() for m in methods
-            if (not a.regimes or r in a.regimes) and (not a.methods or m in a.methods)]  # fmt: skip
+    """(regime, method, seed) of every run, seeds outermost (a deadline cuts whole seeds).
+    ``--methods`` replaces each regime's own methods."""
+    return [(r, m, s) for s in a.seeds for r, (_, methods) in REGIMES.items()
+            for m in (a.methods or methods) if not a.regimes or r in a.regimes]  # fmt: skip
 
 
 def _config(regime: str, method: str, seed: int, a: argparse.Namespace, epochs: int):
@@ -297,7 +311,8 @@ def run_regimes(
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per regime and method: mean ± std over seeds and the paired difference to single."""
     rows = []
-    for regime, (_, methods) in REGIMES.items():
+    for regime in REGIMES:
+        methods = list(dict.fromkeys(r["method"] for r in results if r.get("regime") == regime))
         single = {r["seed"]: r["test"] for r in results if r.get("regime") == regime
                   and r.get("method") == "single" and "test" in r}  # fmt: skip
         for method in methods:
@@ -358,9 +373,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="gpu_out/runs", help="the runs' folders")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--regimes", nargs="+", choices=list(REGIMES), help="default: all")
-    p.add_argument("--methods", nargs="+", help="default: each regime's")
+    p.add_argument(
+        "--methods", nargs="+", help="replace each regime's methods (default: the regime's)"
+    )
     p.add_argument("--step-costs-from", help="a previous summary JSON: reuse its step costs")
     p.add_argument("--epochs", type=int, default=200, help="at most; fewer if over budget")
+    p.add_argument(
+        "--min-epochs",
+        type=int,
+        default=0,
+        help="at least (up to --epochs): fewer seeds rather than fewer epochs if over budget",
+    )
     p.add_argument("--parallel", type=int, default=8, help="runs at once on the device")
     p.add_argument("--budget-s", type=float, default=420.0, help="for the whole command")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -414,22 +437,27 @@ def _main(a: argparse.Namespace, out: Path, argv: Optional[list[str]]) -> dict[s
             warmup=1 if a.smoke else 3, compile_modes=(False,) if a.no_compile or a.smoke else
             (False, True), bf16=device.type == "cuda", deadline=t_start + 0.4 * a.budget_s,
         )  # fmt: skip
-    step_ms = _method_ms(costs, "tiny" if a.smoke else "resnet18")
     units = _units(a)
+    step_ms = _method_ms(costs, "tiny" if a.smoke else "resnet18", [m for _, m, _ in units])
     per_epoch = _steps_per_epoch(a)
     left = a.budget_s - (time.time() - t_start) - 15  # the summary and the pool's start
-    epochs, planned = plan_epochs(
-        units, step_ms, per_epoch, budget_s=left, parallel=a.parallel,
-        max_epochs=1 if a.smoke else a.epochs, overhead_s=20.0 if device.type == "cuda" else 5.0,
-        speedup=a.speedup,
-    )  # fmt: skip
+    plan = {"step_ms": step_ms, "steps_per_epoch": per_epoch, "budget_s": left,
+            "parallel": a.parallel, "overhead_s": 20.0 if device.type == "cuda" else 5.0,
+            "speedup": a.speedup}  # fmt: skip
+    max_epochs = 1 if a.smoke else a.epochs
+    epochs, planned = plan_epochs(units, max_epochs=max_epochs, **plan)
+    if a.min_epochs and epochs < min(a.min_epochs, max_epochs):
+        # fewer seeds at the epochs asked rather than every seed at fewer epochs
+        a.seeds, epochs, planned = seeds_at(a, min(a.min_epochs, max_epochs), plan)
+        units = _units(a)
     logger.info("plan: %d runs x %d epochs, %.0f s planned of %.0f s left", len(units), epochs,
                 planned, left)  # fmt: skip
     report = {
         "command": " ".join(["python", "benchmarks/gpu_evidence.py", *(argv or sys.argv[1:])]),
         "device": gpu, "torch": torch.__version__, "settings": RUN, "regimes": REGIMES,
         "step_costs": costs, "step_ms_used_for_the_plan": step_ms,
-        "plan": {"epochs": epochs, "planned_s": planned, "parallel": a.parallel,
+        "plan": {"epochs": epochs, "planned_s": planned, "seeds": a.seeds,
+                 "min_epochs": a.min_epochs, "parallel": a.parallel,
                  "speedup": a.speedup, "runs": len(units), "budget_s": a.budget_s,
                  "steps_per_epoch": per_epoch},
         "runs": [], "summary": [], "wall_s": time.time() - t_start,
@@ -449,17 +477,39 @@ def _main(a: argparse.Namespace, out: Path, argv: Optional[list[str]]) -> dict[s
     return report
 
 
-def _method_ms(costs: list[dict[str, Any]], model: str) -> dict[str, float]:
-    """Milliseconds per step of each method, from the uncompiled step costs of ``model``."""
+def _method_ms(costs: list[dict[str, Any]], model: str, methods: list[str]) -> dict[str, float]:
+    """Milliseconds per step of each method (those of :data:`METHOD_STEP` and ``methods``),
+    from the uncompiled step costs of ``model``; a transform form without a measured
+    configuration is planned at the four views' cost, any other method at 5 plain steps."""
     ms = {c["config"]: c["median_ms"] for c in costs
           if c["model"] == model and not c["compile"] and "median_ms" in c}  # fmt: skip
     plain = ms.get("plain", 1.0)
     out = {m: ms.get(cfg, 4 * plain) for m, cfg in METHOD_STEP.items()}
-    for _, methods in REGIMES.values():
-        for m in methods:
-            if m.startswith("transform"):
-                out[m] = ms.get("transform_one" if m == "transform-one" else "transform", 5 * plain)
+    for m in methods:
+        if m.startswith("transform"):  # its own form's cost, else the four views' (the most)
+            own = m.replace("-", "_") if m in ("transform-one", "transform-onehalf") else None
+            out[m] = ms.get(own or "transform", ms.get("transform", 5 * plain))
+        elif m not in out:
+            out[m] = 5 * plain
     return out
+
+
+def seeds_at(
+    a: argparse.Namespace, epochs: int, plan: dict[str, Any]
+) -> tuple[list[int], int, float]:
+    """The most leading seeds of ``a.seeds`` whose runs fit the plan at ``epochs`` epochs.
+
+    Returns:
+        ``(seeds, epochs, planned seconds)``; ``([], 0, 0.0)`` if not even one seed fits.
+    """
+    seeds = list(a.seeds)
+    while seeds:
+        units = _units(argparse.Namespace(**{**vars(a), "seeds": seeds}))
+        fit, planned = plan_epochs(units, max_epochs=epochs, **plan)
+        if fit == epochs:
+            return seeds, epochs, planned
+        seeds.pop()
+    return [], 0, 0.0
 
 
 def _steps_per_epoch(a: argparse.Namespace) -> dict[str, int]:

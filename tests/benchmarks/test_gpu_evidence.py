@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -142,3 +143,54 @@ def test_runs_stop_at_the_deadline_and_a_second_command_reuses_step_costs(tmp_pa
     assert text.count("\n") == 3 and "| coarse10 | 1 | transform |" in text
     gpu_report.plot(table, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_methods_replace_the_regimes_and_min_epochs_cuts_seeds_not_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converged-budget command (single, rotation task, cheap form at 100 epochs): the
+    plan keeps the epochs and drops trailing seeds when all five do not fit."""
+    argv = ["--device", "cpu", "--regimes", "fine100", "--seeds", "0", "1", "2", "3", "4"]
+    argv += ["--methods", "single", "transform", "transform-onehalf", "--parallel", "2"]
+    a = gpu_evidence._parser().parse_args(argv)
+    units = gpu_evidence._units(a)
+    assert units[:3] == [("fine100", "single", 0), ("fine100", "transform", 0),
+                         ("fine100", "transform-onehalf", 0)] and len(units) == 15  # fmt: skip
+    ms = {"plain": 10.0, "transform": 40.0, "transform_onehalf": 15.0}
+    costs = [{"model": "resnet18", "config": c, "compile": False, "median_ms": t}
+             for c, t in ms.items()]  # fmt: skip
+    step_ms = gpu_evidence._method_ms(costs, "resnet18", [m for _, m, _ in units])
+    assert (step_ms["single"], step_ms["transform"], step_ms["transform-onehalf"]) == (10, 40, 15)
+    # a form without its own measured cost is planned at the four views' (its upper bound)
+    assert gpu_evidence._method_ms(costs, "resnet18", ["transform-sixth"])["transform-sixth"] == 40
+    assert gpu_evidence._method_ms(costs[:2], "resnet18", ["transform-onehalf"])[
+        "transform-onehalf"] == 40  # fmt: skip
+    assert gpu_evidence._method_ms(costs, "resnet18", ["batchaug"])["batchaug"] == 50
+    # 16 steps an epoch; at 100 epochs a seed's runs take 5 + 16, 5 + 64 and 5 + 24 s (119 s),
+    # two at a time: k seeds plan k x 59.5 s, so 3 seeds fit 200 s and 4 do not
+    plan = {"step_ms": step_ms, "steps_per_epoch": {"fine100": 16}, "budget_s": 200.0,
+            "parallel": 2, "overhead_s": 5.0, "speedup": None}  # fmt: skip
+    assert gpu_evidence.plan_epochs(units, max_epochs=100, **plan)[0] < 100  # 5 seeds: fewer epochs
+    seeds, epochs, planned = gpu_evidence.seeds_at(a, 100, plan)
+    assert (seeds, epochs, planned) == ([0, 1, 2], 100, pytest.approx(3 * 119 / 2))
+    assert gpu_evidence.seeds_at(a, 100, {**plan, "budget_s": 60.0}) == ([], 0, 0.0)  # 69 s run
+    # the command: every seed at 100 epochs when the budget allows, recorded in the plan
+    first = tmp_path / "costs.json"
+    first.write_text(json.dumps({"step_costs": costs}))
+    report = gpu_evidence.main(
+        argv
+        + ["--epochs", "100", "--min-epochs", "100", "--step-costs-from", str(first)]
+        + ["--out", str(tmp_path / "e.json"), "--budget-s", AMPLE_BUDGET_S, "--plan-only"]
+    )
+    assert report["plan"]["epochs"] == 100 and report["plan"]["seeds"] == [0, 1, 2, 3, 4]
+    assert report["plan"]["runs"] == 15 and report["runs"] == []
+    # and with 200 s left after the 15 s the command keeps back (a clock that stands still:
+    # the plan cannot depend on the machine's speed), the first three seeds at 100 epochs
+    monkeypatch.setattr(gpu_evidence, "time", SimpleNamespace(time=lambda: 1000.0))
+    report = gpu_evidence.main(
+        argv
+        + ["--epochs", "100", "--min-epochs", "100", "--step-costs-from", str(first)]
+        + ["--out", str(tmp_path / "e.json"), "--budget-s", "215", "--plan-only"]
+    )
+    assert report["plan"]["epochs"] == 100 and report["plan"]["seeds"] == [0, 1, 2]
+    assert report["plan"]["runs"] == 9 and report["plan"]["planned_s"] == pytest.approx(178.5)
