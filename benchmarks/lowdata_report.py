@@ -50,10 +50,24 @@ def _per_seed(summary: dict) -> dict[str, dict[int, dict]]:
     return out
 
 
-def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
-    """The markdown table of one regime and, per method, its paired test differences."""
+def regime_table(
+    summary: dict, against: tuple[str, ...] = ()
+) -> tuple[str, dict[str, list[float]]]:
+    """The markdown table of one regime and, per method, its paired test differences.
+
+    Args:
+        summary: a ``lowdata.py`` summary.
+        against: more methods to pair every row with: a column each of the test difference
+            to that method (paired by seed) and, where the method gains over single-task, the
+            share of its gain the row keeps (the ratio of the mean gains over the seeds both
+            share with single-task).
+
+    Returns:
+        The table and, per method, its paired test differences to single-task.
+    """
     runs = _per_seed(summary)
     base = runs.get("single", {})
+    extra_head = "".join(f" test − {m}, paired (points) | share of {m}'s gain |" for m in against)
     cfg = summary["config"]
     n_train = summary["runs"][0].get("num_train")
     lines = [
@@ -63,8 +77,8 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
         "",
         "| method | val (%) | test (%) | test − single, paired (points) | train acc (%) "
         "| aux NMI with fine classes (train) | 4-view aggregated test (%) | epoch time / single "
-        "| wall / run (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| wall / run (s) |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(against),
     ]
     base_epoch = [v["epoch_s"] for v in base.values() if v.get("epoch_s")]
     nmi = {s["label"]: s.get("aux_nmi_train_mean") for s in summary["summary"]}
@@ -85,11 +99,31 @@ def regime_table(summary: dict) -> tuple[str, dict[str, list[float]]]:
         cost = "-"
         if epochs and base_epoch:
             cost = f"{statistics.fmean(epochs) / statistics.fmean(base_epoch):.1f}x"
+        cells = "".join(_against_cells(runs, label, m) for m in against)
         lines.append(
             f"| {label} | {_ms(vals)} | {_ms(tests)} | {delta} | "
             f"{100 * statistics.fmean(trains):.1f} | {info} | {agg} | {cost} | {wall:.0f} |"
+            + cells
         )
     return "\n".join(lines), deltas
+
+
+def _against_cells(runs: dict[str, dict[int, dict]], label: str, other: str) -> str:
+    """`` diff | share |``: ``label`` minus ``other`` paired by seed, and the share of
+    ``other``'s gain over single-task that ``label`` keeps (on the seeds all three share)."""
+    mine, theirs, base = runs[label], runs.get(other, {}), runs.get("single", {})
+    if label == other:
+        return " - | 100% |"
+    d = [mine[s]["test"] - theirs[s]["test"] for s in mine if s in theirs]
+    diff = "-" if not d else ("+" if statistics.fmean(d) >= 0 else "") + _ms(d)
+    both = [s for s in mine if s in theirs and s in base]
+    share = "-"
+    if both and label != "single":
+        gain = statistics.fmean(theirs[s]["test"] - base[s]["test"] for s in both)
+        kept = statistics.fmean(mine[s]["test"] - base[s]["test"] for s in both)
+        if gain > 0:
+            share = f"{100 * kept / gain:.0f}%"
+    return f" {diff} | {share} |"
 
 
 def cost_points(summary: dict) -> list[dict]:
@@ -299,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="docs/results")
     p.add_argument("--regimes", nargs="+", default=None, help="default: every summary")
+    p.add_argument(
+        "--against",
+        nargs="+",
+        default=(),
+        metavar="METHOD",
+        help="more columns: each row's paired test difference to METHOD and its share of "
+        "METHOD's gain over single-task (e.g. transform)",
+    )
     p.add_argument("--plot", default=None, help="write the figure here (PNG)")
     p.add_argument(
         "--tune-plot", default=None, help="figure of the tuning records' paired differences"
@@ -324,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     all_deltas = {}
     for f in files:
         summary = json.loads(f.read_text())
-        table, deltas = regime_table(summary)
+        table, deltas = regime_table(summary, tuple(a.against))
         print(table + "\n")
         all_deltas[summary["regime"]] = deltas
     if not a.regimes:

@@ -163,3 +163,28 @@ def test_regime_table_and_cost_points_pair_by_seed(tmp_path: Path) -> None:
     assert points["transform"]["gain"] == pytest.approx(2.5) and points["single"]["gain"] == 0
     cost_plot(summary, tmp_path / "cost.png")
     assert (tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_against_pairs_with_another_method_and_gives_the_share_of_its_gain() -> None:
+    summary = {
+        "regime": "toy", "seeds": [0, 1, 2],
+        "config": {"dataset": "cifar100", "backbone": "cnn", "width": 32, "epochs": 3},
+        "summary": [{"label": m} for m in ("single", "transform", "patch")],
+        "runs": [_run("single", 0, 0.40, 2.0), _run("single", 1, 0.44, 2.0),
+                 _run("transform", 0, 0.44, 8.0), _run("transform", 1, 0.48, 8.0),
+                 _run("transform", 2, 0.50, 8.0),
+                 # seed 2 has no single-task run: paired with transform, not in the share
+                 _run("patch", 0, 0.43, 8.0), _run("patch", 1, 0.47, 8.0),
+                 _run("patch", 2, 0.40, 8.0)],
+    }  # fmt: skip
+    table, _ = regime_table(summary, against=("transform",))
+    head = table.splitlines()[2].split("|")
+    assert head[10].strip() == "test − transform, paired (points)"
+    assert head[11].strip() == "share of transform's gain"
+    rows = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines()[4:]}
+    # patch − transform: -1, -1, -10 points
+    assert rows["patch"][10].strip() == "-4.00 ± 5.20"
+    # on seeds 0-1 transform gains 4 points and patch 3: 75% of the gain
+    assert rows["patch"][11].strip() == "75%"
+    assert rows["transform"][10:12] == [" - ", " 100% "]
+    assert rows["single"][10].strip() == "-4.00 ± 0.00" and rows["single"][11].strip() == "-"
