@@ -102,8 +102,7 @@ def regime_table(
         cells = "".join(_against_cells(runs, label, m) for m in against)
         lines.append(
             f"| {label} | {_ms(vals)} | {_ms(tests)} | {delta} | "
-            f"{100 * statistics.fmean(trains):.1f} | {info} | {agg} | {cost} | {wall:.0f} |"
-            + cells
+            f"{100 * statistics.fmean(trains):.1f} | {info} | {agg} | {cost} | {wall:.0f} |" + cells
         )
     return "\n".join(lines), deltas
 
