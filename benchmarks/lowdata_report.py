@@ -32,6 +32,18 @@ def _ms(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
 
 
+def _signed_ms(values: list[float]) -> str:
+    """``_ms`` with the mean's sign (``+`` for a gain); ``-`` when there is nothing."""
+    if not values:
+        return "-"
+    return ("+" if statistics.fmean(values) >= 0 else "") + _ms(values)
+
+
+def _paired(mine: dict[int, dict], theirs: dict[int, dict]) -> list[float]:
+    """Test accuracy of ``mine`` minus ``theirs`` on each seed both ran (seed -> run)."""
+    return [mine[s]["test"] - theirs[s]["test"] for s in mine if s in theirs]
+
+
 def _per_seed(summary: dict) -> dict[str, dict[int, dict]]:
     """method label -> seed -> {test, val, train}."""
     out: dict[str, dict[int, dict]] = {}
@@ -87,11 +99,9 @@ def regime_table(
         tests = [v["test"] for v in seeds.values()]
         vals = [v["val"] for v in seeds.values() if v["val"] is not None]
         trains = [v["train"] for v in seeds.values() if v["train"] is not None]
-        d = [seeds[s]["test"] - base[s]["test"] for s in seeds if s in base]
+        d = _paired(seeds, base)
         deltas[label] = d
-        delta = "-"
-        if d and label != "single":
-            delta = ("+" if statistics.fmean(d) >= 0 else "") + _ms(d)
+        delta = "-" if label == "single" else _signed_ms(d)
         wall = statistics.fmean(v["wall"] for v in seeds.values())
         info = "-" if nmi.get(label) is None else f"{nmi[label]:.3f}"
         agg = _ms([v["aggregated"] for v in seeds.values() if v.get("aggregated") is not None])
@@ -113,8 +123,7 @@ def _against_cells(runs: dict[str, dict[int, dict]], label: str, other: str) -> 
     mine, theirs, base = runs[label], runs.get(other, {}), runs.get("single", {})
     if label == other:
         return " - | 100% |"
-    d = [mine[s]["test"] - theirs[s]["test"] for s in mine if s in theirs]
-    diff = "-" if not d else ("+" if statistics.fmean(d) >= 0 else "") + _ms(d)
+    diff = _signed_ms(_paired(mine, theirs))
     both = [s for s in mine if s in theirs and s in base]
     share = "-"
     if both and label != "single":
@@ -133,7 +142,7 @@ def cost_points(summary: dict) -> list[dict]:
     base_epoch = statistics.fmean(v["epoch_s"] for v in base.values())
     points = []
     for label, seeds in runs.items():
-        d = [100 * (seeds[s]["test"] - base[s]["test"]) for s in seeds if s in base]
+        d = [100 * x for x in _paired(seeds, base)]
         points.append({
             "label": label,
             "cost": statistics.fmean(v["epoch_s"] for v in seeds.values()) / base_epoch,
@@ -188,9 +197,8 @@ def tune_table(record: dict) -> str:
             f"{_ms(r['val_accuracies'])} | {_ms(r['test_accuracies'])} |"
         )
         if deltas:
-            d = deltas.get(f"{r['method']} / {r['setting']}")
-            sign = "+" if d and statistics.fmean(d) >= 0 else ""
-            line += f" {sign}{_ms(d)} |" if d else " - |"
+            key = f"{r['method']} / {r['setting']}"
+            line += f" {_signed_ms(deltas.get(key, []))} |"
         lines.append(f"{line} {pick} |")
     return "\n".join(lines)
 
