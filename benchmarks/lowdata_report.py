@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     all_deltas = {}
     for f in files:
         summary = json.loads(f.read_text())
+        if not a.regimes and not {"regime", "runs"} <= summary.keys():
+            continue  # another benchmark's record (compute.json, gpu_evidence.json, ...)
         table, deltas = regime_table(summary, tuple(a.against))
         print(table + "\n")
         all_deltas[summary["regime"]] = deltas

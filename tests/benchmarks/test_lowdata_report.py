@@ -15,6 +15,7 @@ from lowdata_report import (  # noqa: E402
     _noise_rate,
     cost_plot,
     cost_points,
+    main,
     nmi_plot,
     nmi_points,
     regime_table,
@@ -188,3 +189,18 @@ def test_against_pairs_with_another_method_and_gives_the_share_of_its_gain() -> 
     assert rows["patch"][11].strip() == "75%"
     assert rows["transform"][10:12] == [" - ", " 100% "]
     assert rows["single"][10].strip() == "-4.00 ± 0.00" and rows["single"][11].strip() == "-"
+
+
+def test_the_default_report_skips_records_that_are_not_regime_summaries(tmp_path, capsys) -> None:
+    summary = {
+        "regime": "toy", "seeds": [0],
+        "config": {"dataset": "cifar100", "backbone": "cnn", "width": 32, "epochs": 3},
+        "summary": [{"label": "single"}], "runs": [_run("single", 0, 0.40, 2.0)],
+    }  # fmt: skip
+    (tmp_path / "toy.json").write_text(json.dumps(summary))
+    (tmp_path / "compute.json").write_text(json.dumps({"points": [], "gains": []}))
+    assert main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "**toy**" in out and "| single | 39.00 ± 0.00 | 40.00 ± 0.00 |" in out
+    with pytest.raises(KeyError):  # named explicitly, a record that is no summary still fails
+        main(["--results", str(tmp_path), "--regimes", "compute"])
