@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     all_deltas = {}
     for f in files:
         summary = json.loads(f.read_text())
-        if not a.regimes and not {"regime", "runs"} <= summary.keys():
+        if not {"regime", "runs"} <= summary.keys():
+            if a.regimes:
+                p.error(f"--regimes: {f} is not a lowdata.py summary (no 'regime' and 'runs')")
             continue  # another benchmark's record (compute.json, gpu_evidence.json, ...)
         table, deltas = regime_table(summary, tuple(a.against))
         print(table + "\n")

@@ -202,5 +202,6 @@ def test_the_default_report_skips_records_that_are_not_regime_summaries(tmp_path
     assert main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "**toy**" in out and "| single | 39.00 ± 0.00 | 40.00 ± 0.00 |" in out
-    with pytest.raises(KeyError):  # named explicitly, a record that is no summary still fails
+    with pytest.raises(SystemExit):  # named explicitly, it is an error that says why
         main(["--results", str(tmp_path), "--regimes", "compute"])
+    assert "compute.json is not a lowdata.py summary" in capsys.readouterr().err
