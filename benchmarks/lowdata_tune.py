@@ -32,6 +32,7 @@ from lowdata_report import tune_table
 #: setting name -> extra ``auxgen run`` arguments (one factor at a time from the defaults)
 SETTINGS: dict[str, list[str]] = {
     "default": [],
+    "aw0.1": ["--aux-weight", "0.1"],
     "aw0.3": ["--aux-weight", "0.3"],
     "aw3": ["--aux-weight", "3"],
     "every10": ["--meta-every", "10"],
