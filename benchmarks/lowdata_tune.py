@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_regime(a.regime, run_args, extra=SETTINGS[g], tag=f"{method}/{g}")
             (s,) = summary["summary"]
             val, test = _stats(s["val_accuracies"]), _stats(s["accuracies"])
-            # the auxiliary loss at the end of training, per seed (how far from uniform)
+            # the auxiliary loss at the end of training, per seed (how far from uniform), and
+            # the primary accuracy on the training batches (does the setting fit the images?)
             aux = [r["history"][-1].get("train_aux_loss") for r in summary["runs"]]
+            fit = [r["history"][-1].get("train_accuracy") for r in summary["runs"]]
             # what the labels became, per seed: NMI with the fine classes, children used
             nmi = [r["aux"].get("aux_nmi_train") for r in summary["runs"]]
             used = [r["aux"].get("aux_used_test") for r in summary["runs"]]
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"method": method, "setting": g, "args": SETTINGS[g], "seeds": s["seeds"],
                  "val_accuracies": s["val_accuracies"], "test_accuracies": s["accuracies"],
                  "val_mean": val[0], "val_std": val[1], "test_mean": test[0],
-                 "test_std": test[1], "final_train_aux_loss": aux,
+                 "test_std": test[1], "final_train_aux_loss": aux, "final_train_accuracy": fit,
                  "aux_nmi_train": nmi, "aux_used_test": used,
                  "wall_time_mean_s": s["wall_time_mean_s"]}
             )  # fmt: skip
