@@ -64,17 +64,71 @@ def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
+def _epochs(args: Sequence[str]) -> Optional[int]:
+    """The last ``--epochs`` value of a command line (later flags override earlier ones)."""
+    found = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--epochs"]
+    return int(found[-1]) if found else None
+
+
+def tuned_points(
+    tunes: Sequence[dict], data: dict[str, dict[int, dict[str, Any]]]
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Each method's setting chosen on validation by ``lowdata_tune.py`` (its ``picks``), as
+    points labelled ``"<method> (<setting>)"``, so the figure shows the cheap forms at the
+    settings validation picks beside their defaults. A ``default`` pick is the method's own
+    point already and is left out. The number of training images comes from ``data`` (the
+    low-data summaries of the same regime), which must agree on it. A tune records each
+    run's wall time, not its training time, so its time column includes evaluation.
+    """
+    sizes = {p["num_train"] for budgets in data.values() for p in budgets.values()}
+    sizes.discard(None)
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for tune in tunes:
+        picks = tune.get("picks", {})
+        for row in tune["rows"]:
+            method, setting = row["method"], row["setting"]
+            if picks.get(method) != setting or setting == "default" or method not in PASSES:
+                continue
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"tuned rows need the low-data summaries of their regime for the number "
+                    f"of training images; the summaries given hold {sorted(sizes) or 'none'}"
+                )
+            epochs = _epochs([*tune["base_args"], *row["args"]])
+            if epochs is None:
+                raise ValueError(f"{tune.get('regime')}: no --epochs in the tune's arguments")
+            seeds = {
+                int(s): (t, v)
+                for s, t, v in zip(row["seeds"], row["test_accuracies"], row["val_accuracies"])
+            }
+            (n,) = sizes
+            out[f"{method} ({setting})"] = {
+                epochs: {
+                    "seeds": seeds,
+                    "train_s": [row.get("wall_time_mean_s") or 0.0],
+                    "num_train": n,
+                    "passes": epochs * n * PASSES[method],
+                }
+            }
+    return out
+
+
 #: The default title of the markdown page and the figure.
 TITLE = "Accuracy against compute"
 
 
-def header(title: str = TITLE, figure: Optional[str] = None) -> str:
+def header(title: str = TITLE, figure: Optional[str] = None, tuned: bool = False) -> str:
     """The markdown file's title and provenance (the tables follow)."""
     fig = f"; the figure is `{figure}`" if figure else ""
+    picked = (
+        " and, labelled `method (setting)`, the settings `lowdata_tune.py` chose on validation"
+        if tuned
+        else ""
+    )
     return (
         f"# {title}\n\n"
         "Written by `benchmarks/compute_report.py` from the low-data summaries of one setting "
-        f"(see [Results](../results.md)){fig}. Image passes "
+        f"(see [Results](../results.md)){picked}{fig}. Image passes "
         "do not depend on the hardware; the training time is as measured on the machine that "
         "ran each summary, with other runs sharing its cores, so it compares only rows run "
         "together.\n\n"
@@ -236,6 +290,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("summaries", nargs="+", help="lowdata.py summaries of one setting")
     p.add_argument("--methods", nargs="+", default=None, help="default: every known method")
+    p.add_argument(
+        "--tuned",
+        nargs="+",
+        default=[],
+        help="lowdata_tune.py summaries of the same regime: add each method at the setting "
+        "validation picked",
+    )
     p.add_argument("--md", help="write the tables here")
     p.add_argument("--json", help="write the points and gains here")
     p.add_argument("--plot", help="write the figure here (PNG)")
@@ -244,11 +305,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     data = points([json.loads(Path(f).read_text()) for f in a.summaries])
     if a.methods:
         data = {k: v for k, v in data.items() if k in a.methods}
+    tuned = tuned_points([json.loads(Path(f).read_text()) for f in a.tuned], data)
+    data.update({k: v for k, v in tuned.items() if not a.methods or k.split(" (")[0] in a.methods})
     result = gains(data)
     text = table(data, result)
     print(text)
     if a.md:
-        Path(a.md).write_text(header(a.title, a.plot) + text + "\n")
+        Path(a.md).write_text(header(a.title, a.plot, bool(tuned)) + text + "\n")
     if a.json:
         flat = {
             label: {str(e): {**p, "seeds": {str(s): v for s, v in p["seeds"].items()}}

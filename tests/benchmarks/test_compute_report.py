@@ -152,3 +152,49 @@ def test_table_names_the_seeds_a_gain_rests_on() -> None:
     assert "60 vs 60: +2.00 (seed 0 only)" in text  # 0.52 - 0.50 on seed 0
     assert "60 vs 60: +0.00 (unpaired: no seed in common)" in text  # 0.51 - mean(0.50, 0.52)
     assert "60 vs 60: +5.50 ± 0.71 (2 seeds)" in text
+
+
+def _tune(picks: dict[str, str]) -> dict:
+    """A lowdata_tune.py summary of the regime of SUMMARIES (60 epochs), two settings."""
+    row = {"method": "transform-onehalf", "seeds": [0, 1], "wall_time_mean_s": 700.0}
+    return {
+        "regime": "toy",
+        "base_args": ["--dataset", "cifar100", "--epochs", "30", "--augment"],
+        "picks": picks,
+        "rows": [
+            {**row, "setting": "default", "args": ["--epochs", "60"],
+             "test_accuracies": [0.52, 0.53], "val_accuracies": [0.50, 0.51]},
+            {**row, "setting": "aw0.3", "args": ["--epochs", "60", "--aux-weight", "0.3"],
+             "test_accuracies": [0.55, 0.58], "val_accuracies": [0.53, 0.52]},
+        ],
+    }  # fmt: skip
+
+
+def test_tuned_rows_join_at_the_setting_validation_picked(tmp_path: Path) -> None:
+    report = _module()
+    data = report.points(SUMMARIES)
+    tuned = report.tuned_points([_tune({"transform-onehalf": "aw0.3"})], data)
+    assert list(tuned) == ["transform-onehalf (aw0.3)"]
+    point = tuned["transform-onehalf (aw0.3)"][60]  # the row's --epochs overrides the base's
+    assert point["seeds"] == {0: (0.55, 0.53), 1: (0.58, 0.52)}
+    assert point["passes"] == 60 * 100 * 1.5
+    gains = report.gains({**data, **tuned})
+    eq = gains["transform-onehalf (aw0.3)"]["equal_compute"][0]  # against single at 60
+    assert eq["single_epochs"] == 60 and eq["mean"] == pytest.approx(0.055)
+    # a default pick is the method's own point: nothing to add
+    assert report.tuned_points([_tune({"transform-onehalf": "default"})], data) == {}
+    with pytest.raises(ValueError, match="number of training images"):
+        report.tuned_points([_tune({"transform-onehalf": "aw0.3"})], {})
+    paths = []
+    for i, s in enumerate([*SUMMARIES, _tune({"transform-onehalf": "aw0.3"})]):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(s))
+    md = tmp_path / "t.md"
+    argv = [*map(str, paths[:-1]), "--tuned", str(paths[-1]), "--md", str(md)]
+    out = report.main([*argv, "--methods", "single", "transform-onehalf"])
+    assert set(out) == {"transform-onehalf", "transform-onehalf (aw0.3)"}
+    assert "| transform-onehalf (aw0.3) | 60 | 2 | 56.50 ± 2.12 | 52.5 ± 0.7 | 0.01 | 700 |" in (
+        md.read_text()
+    )
+    assert "settings `lowdata_tune.py` chose on validation" in md.read_text()
+    assert "transform-onehalf (aw0.3)" not in report.main([*argv, "--methods", "single"])
