@@ -44,6 +44,12 @@ PASSES: dict[str, float] = {
 }  # fmt: skip
 
 
+def passes(method: str, epochs: int, num_train: int) -> float:
+    """Forward-backward image passes of a run: epochs x training images x images a step
+    forwards per training image (:data:`PASSES`)."""
+    return epochs * num_train * PASSES[method]
+
+
 def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
     """method -> epochs -> {seeds: {seed: (test, val)}, passes, train_s} from the runs."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
@@ -60,7 +66,7 @@ def points(summaries: Sequence[dict]) -> dict[str, dict[int, dict[str, Any]]]:
             p["train_s"].append(r.get("train_time_s") or 0.0)
     for label, budgets in out.items():
         for epochs, p in budgets.items():
-            p["passes"] = epochs * (p["num_train"] or 0) * PASSES[label]
+            p["passes"] = passes(label, epochs, p["num_train"] or 0)
     return out
 
 
@@ -71,14 +77,17 @@ def _epochs(args: Sequence[str]) -> Optional[int]:
 
 
 def tuned_points(
-    tunes: Sequence[dict], data: dict[str, dict[int, dict[str, Any]]]
+    tunes: Sequence[dict],
+    data: dict[str, dict[int, dict[str, Any]]],
+    methods: Optional[Sequence[str]] = None,
 ) -> dict[str, dict[int, dict[str, Any]]]:
     """Each method's setting chosen on validation by ``lowdata_tune.py`` (its ``picks``), as
     points labelled ``"<method> (<setting>)"``, so the figure shows the cheap forms at the
-    settings validation picks beside their defaults. A ``default`` pick is the method's own
-    point already and is left out. The number of training images comes from ``data`` (the
-    low-data summaries of the same regime), which must agree on it. A tune records each
-    run's wall time, not its training time, so its time column includes evaluation.
+    settings validation picks beside their defaults; only ``methods`` when given. A
+    ``default`` pick is the method's own point already and is left out. The number of
+    training images comes from ``data`` (the low-data summaries of the same regime), which
+    must agree on it. A tune records each run's wall time, not its training time, so its
+    time column includes evaluation.
     """
     sizes = {p["num_train"] for budgets in data.values() for p in budgets.values()}
     sizes.discard(None)
@@ -88,6 +97,8 @@ def tuned_points(
         for row in tune["rows"]:
             method, setting = row["method"], row["setting"]
             if picks.get(method) != setting or setting == "default" or method not in PASSES:
+                continue
+            if methods and method not in methods:
                 continue
             if len(sizes) != 1:
                 raise ValueError(
@@ -107,7 +118,7 @@ def tuned_points(
                     "seeds": seeds,
                     "train_s": [row.get("wall_time_mean_s") or 0.0],
                     "num_train": n,
-                    "passes": epochs * n * PASSES[method],
+                    "passes": passes(method, epochs, n),
                 }
             }
     return out
@@ -305,8 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     data = points([json.loads(Path(f).read_text()) for f in a.summaries])
     if a.methods:
         data = {k: v for k, v in data.items() if k in a.methods}
-    tuned = tuned_points([json.loads(Path(f).read_text()) for f in a.tuned], data)
-    data.update({k: v for k, v in tuned.items() if not a.methods or k.split(" (")[0] in a.methods})
+    tuned = tuned_points([json.loads(Path(f).read_text()) for f in a.tuned], data, a.methods)
+    data.update(tuned)
     result = gains(data)
     text = table(data, result)
     print(text)

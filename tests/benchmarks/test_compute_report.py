@@ -198,3 +198,4 @@ def test_tuned_rows_join_at_the_setting_validation_picked(tmp_path: Path) -> Non
     )
     assert "settings `lowdata_tune.py` chose on validation" in md.read_text()
     assert "transform-onehalf (aw0.3)" not in report.main([*argv, "--methods", "single"])
+    assert "chose on validation" not in md.read_text()  # none of the tuned rows is shown
