@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -265,8 +266,8 @@ def table(data: dict[str, dict[int, dict]], result: dict[str, Any], base: str = 
     return "\n".join(lines)
 
 
-def plot(data: dict[str, dict[int, dict]], path: Path, title: str = TITLE) -> None:
-    """Test accuracy against image passes, one curve per method (error bars: seed sd)."""
+def figure(data: dict[str, dict[int, dict]], title: str = TITLE) -> Any:
+    """The matplotlib figure of :func:`plot` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,10 +289,19 @@ def plot(data: dict[str, dict[int, dict]], path: Path, title: str = TITLE) -> No
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("compute: forward-backward image passes (millions, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title} (numbers: epochs)")
+    # wrapped: a long --title would run off the figure
+    ax.set_title("\n".join(textwrap.wrap(f"{title} (numbers: epochs)", 55)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(data: dict[str, dict[int, dict]], path: Path, title: str = TITLE) -> None:
+    """Test accuracy against image passes, one curve per method (error bars: seed sd)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(data, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -107,6 +107,22 @@ def test_title_names_the_page_and_its_figure(tmp_path: Path) -> None:
     assert f"the figure is `{tmp_path / 'f.png'}`" in md.read_text()
 
 
+def test_a_long_title_stays_inside_the_figure() -> None:
+    import matplotlib.pyplot as plt
+
+    report = _module()
+    data = report.points(SUMMARIES)
+    title = "Fine-tuning a small ResNet: accuracy against compute"
+    fig = report.figure(data, title)
+    try:
+        fig.canvas.draw()
+        box = fig.axes[0].title.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+        assert fig.axes[0].get_title() == f"{title}\n(numbers: epochs)"
+    finally:
+        plt.close(fig)
+
+
 def test_gains_against_another_base_name_it_in_the_table() -> None:
     report = _module()
     data = report.points(SUMMARIES)
