@@ -129,9 +129,9 @@ def tuned_points(
 TITLE = "Accuracy against compute"
 
 
-def header(title: str = TITLE, figure: Optional[str] = None, tuned: bool = False) -> str:
+def header(title: str = TITLE, figure_path: Optional[str] = None, tuned: bool = False) -> str:
     """The markdown file's title and provenance (the tables follow)."""
-    fig = f"; the figure is `{figure}`" if figure else ""
+    fig = f"; the figure is `{figure_path}`" if figure_path else ""
     picked = (
         " and, labelled `method (setting)`, the settings `lowdata_tune.py` chose on validation"
         if tuned
